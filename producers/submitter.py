@@ -1,0 +1,77 @@
+"""Putting requests on ``tokenbus.requests``, acknowledged by the broker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from schemas import Cancel, GenerationRequest, encode, message_key
+from tokenbus.kafka import new_producer
+from tokenbus.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker did not take the message; nothing was accepted. Retry later."""
+
+
+class Submitter:
+    """Owns the API's producer. It connects lazily and reconnects after a failure,
+    so the API starts (and says it is not ready) even while the broker is away."""
+
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self._kafka = kafka
+        self._producer: AIOKafkaProducer | None = None
+        self._lock = asyncio.Lock()
+
+    async def submit(self, request: GenerationRequest) -> None:
+        """Return once the broker has acknowledged the request (acks=all)."""
+        await self._send(self._kafka.topics.requests, request.request_id, encode(request))
+
+    async def cancel(self, cancel: Cancel) -> None:
+        await self._send(self._kafka.topics.control, cancel.request_id, encode(cancel))
+
+    async def ready(self) -> bool:
+        try:
+            await self._connected()
+        except BrokerUnavailable:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def _send(self, topic: str, request_id: uuid.UUID, value: bytes) -> None:
+        producer = await self._connected()
+        timeout_s = self._kafka.request_timeout_ms / 1000
+        try:
+            async with asyncio.timeout(timeout_s):
+                await producer.send_and_wait(topic, value, key=message_key(request_id))
+        except (KafkaError, TimeoutError) as exc:
+            await self.close()  # start afresh next time
+            raise BrokerUnavailable(
+                f"the broker at {self._kafka.bootstrap} did not acknowledge within "
+                f"{timeout_s:g}s ({type(exc).__name__}); nothing was accepted, retry later"
+            ) from exc
+
+    async def _connected(self) -> AIOKafkaProducer:
+        async with self._lock:
+            if self._producer is None:
+                producer = new_producer(self._kafka)
+                try:
+                    await producer.start()
+                except KafkaError as exc:
+                    await producer.stop()
+                    raise BrokerUnavailable(
+                        f"cannot reach the broker at {self._kafka.bootstrap} "
+                        f"({type(exc).__name__}); is it running? (`tokenbus up` starts one)"
+                    ) from exc
+                self._producer = producer
+            return self._producer

@@ -1,0 +1,167 @@
+"""The StreamHub: this relay's single reader of ``tokenbus.tokens``.
+
+It reads every partition once (assigned, no consumer group: every relay instance
+sees everything) and hands each event to the subscribers of its request. It also
+keeps the recent streams in memory, bounded, so a subscriber arriving late or
+reconnecting is usually served without touching the log.
+
+A subscriber's queue is bounded. One that falls behind is not waited for and not
+dropped: its listener is marked overflowed, and the subscription goes back to the
+log from where it stood (see `subscription.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas import MalformedMessage, StreamEvent, decode_event
+from tokenbus.kafka import new_consumer
+from tokenbus.settings import KafkaSettings, ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+class SubscriberOverflow(Exception):
+    """This subscriber fell behind the live stream; read the log instead."""
+
+
+class Listener:
+    """A subscriber's view of one request's live events."""
+
+    def __init__(self, backlog: list[StreamEvent], capacity: int) -> None:
+        self.backlog = backlog  # what the hub held when the listener was registered
+        self._queue: asyncio.Queue[StreamEvent] = asyncio.Queue(capacity)
+        self.overflowed = False
+
+    def offer(self, event: StreamEvent) -> None:
+        if self.overflowed:
+            return
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+    async def next(self) -> StreamEvent:
+        if self._queue.empty() and self.overflowed:
+            raise SubscriberOverflow
+        return await self._queue.get()
+
+
+@dataclass
+class _Stream:
+    events: list[StreamEvent] = field(default_factory=list)  # contiguous seqs
+    listeners: set[Listener] = field(default_factory=set)
+
+    def append(self, event: StreamEvent) -> bool:
+        """Keep ``event`` if it continues the held run; False for a duplicate."""
+        if self.events:
+            expected = self.events[-1].seq + 1
+            if event.seq < expected:
+                return False
+            if event.seq > expected:
+                self.events.clear()  # a gap we did not see: hold only from here on
+        self.events.append(event)
+        return True
+
+
+class StreamHub:
+    def __init__(self, *, kafka: KafkaSettings, settings: ServerSettings) -> None:
+        self._kafka = kafka
+        self._max_streams = settings.relay_max_streams
+        self._capacity = settings.subscriber_buffer
+        self._streams: OrderedDict[uuid.UUID, _Stream] = OrderedDict()
+        self._consumer: AIOKafkaConsumer | None = None
+        self.ready = asyncio.Event()
+        self.events_read = 0
+        self.malformed = 0
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    @property
+    def subscribers(self) -> int:
+        return sum(len(s.listeners) for s in self._streams.values())
+
+    def holds(self, request_id: uuid.UUID) -> bool:
+        stream = self._streams.get(request_id)
+        return stream is not None and bool(stream.events)
+
+    @contextmanager
+    def listen(self, request_id: uuid.UUID) -> Iterator[Listener]:
+        """Register for a request's live events. The backlog and the queue are taken
+        together (no await between), so no event falls between them."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            stream = self._streams[request_id] = _Stream()
+        listener = Listener(list(stream.events), self._capacity)
+        stream.listeners.add(listener)
+        try:
+            yield listener
+        finally:
+            stream.listeners.discard(listener)
+
+    async def run(self) -> None:
+        """Read tokenbus.tokens until cancelled."""
+        topic = self._kafka.topics.tokens
+        consumer = new_consumer(self._kafka, fetch_max_wait_ms=100)
+        await consumer.start()
+        try:
+            partitions = await _partitions(consumer, topic)
+            consumer.assign(partitions)
+            # Start at the end: older streams are read back from the log on demand.
+            await consumer.seek_to_end(*partitions)
+            self.ready.set()
+            log.info("relay hub reading %s (%d partitions)", topic, len(partitions))
+            while True:
+                batches = await consumer.getmany(timeout_ms=1000)
+                for records in batches.values():
+                    for record in records:
+                        self._dispatch(record.value, record.topic, record.partition, record.offset)
+        finally:
+            self.ready.clear()
+            await consumer.stop()
+
+    def _dispatch(self, value: bytes | None, topic: str, partition: int, offset: int) -> None:
+        try:
+            event = decode_event(value)
+        except MalformedMessage as exc:
+            self.malformed += 1
+            log.warning("skipping malformed event at %s[%d]@%d: %s", topic, partition, offset, exc)
+            return
+        self.events_read += 1
+        stream = self._streams.get(event.request_id)
+        if stream is None:
+            stream = self._streams[event.request_id] = _Stream()
+            self._evict()
+        else:
+            self._streams.move_to_end(event.request_id)
+        if not stream.append(event):
+            return
+        for listener in stream.listeners:
+            listener.offer(event)
+
+    def _evict(self) -> None:
+        """Forget the least recently active streams nobody is listening to."""
+        excess = len(self._streams) - self._max_streams
+        for request_id in list(self._streams):
+            if excess <= 0:
+                break
+            if not self._streams[request_id].listeners:
+                del self._streams[request_id]
+                excess -= 1
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    await consumer.topics()  # refreshes metadata for every topic
+    ids = consumer.partitions_for_topic(topic)
+    if not ids:
+        raise RuntimeError(f"topic {topic!r} does not exist; run `tokenbus up` or create it")
+    return [TopicPartition(topic, p) for p in sorted(ids)]

@@ -1,0 +1,135 @@
+"""Reading a request's stream back from the log.
+
+No index is needed: a request id is a UUIDv7, whose timestamp is when the request
+was submitted, and every message about a request is keyed by its id (so it sits
+on one known partition). A read seeks that partition to the timestamp (minus the
+allowed clock skew) with ListOffsets-by-time, then scans forward keeping only the
+request's messages.
+
+Where the log ends is taken from the fetch high-watermark, not from ListOffsets
+(LATEST): the embedded Tansu broker answers the latter with the base offset of
+the last batch + 1, which is short of the end after a multi-record batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from schemas import (
+    GenerationRequest,
+    MalformedMessage,
+    StreamEvent,
+    decode_event,
+    decode_request,
+    message_key,
+    partition_for,
+    uuid7_unix_ms,
+)
+from tokenbus.kafka import new_consumer
+from tokenbus.settings import KafkaSettings, ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+class LogReadTimeout(TimeoutError):
+    pass
+
+
+class LogReader:
+    def __init__(self, *, kafka: KafkaSettings, settings: ServerSettings) -> None:
+        self._kafka = kafka
+        self._skew_ms = settings.clock_skew_ms
+        self._timeout_s = settings.log_read_timeout_s
+
+    async def find_request(self, request_id: uuid.UUID) -> GenerationRequest | None:
+        """The request as submitted, or None if no such request is in the log."""
+        if uuid7_unix_ms(request_id) > time.time() * 1000 + self._skew_ms:
+            return None  # minted in the future: nobody submitted it
+        scan = self._scan(self._kafka.topics.requests, request_id, until_end=True)
+        async with aclosing(scan) as records:
+            async for record in records:
+                try:
+                    return decode_request(record.value)
+                except MalformedMessage:
+                    continue
+        return None
+
+    async def events(
+        self, request_id: uuid.UUID, *, from_seq: int, before_seq: int | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """The request's events with ``from_seq <= seq``, in order.
+
+        With ``before_seq`` the read ends once ``before_seq - 1`` is reached (those
+        events are known to exist); without it, at the current end of the log.
+        """
+        if before_seq is not None and before_seq <= from_seq:
+            return
+        scan = self._scan(self._kafka.topics.tokens, request_id, until_end=before_seq is None)
+        async with aclosing(scan) as records:
+            async for record in records:
+                try:
+                    event = decode_event(record.value)
+                except MalformedMessage as exc:
+                    log.warning("skipping malformed event at offset %d: %s", record.offset, exc)
+                    continue
+                if event.seq < from_seq:
+                    continue
+                if before_seq is not None and event.seq >= before_seq:
+                    return
+                yield event
+                if before_seq is not None and event.seq == before_seq - 1:
+                    return
+
+    async def _scan(
+        self, topic: str, request_id: uuid.UUID, *, until_end: bool
+    ) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
+        key = message_key(request_id)
+        consumer = new_consumer(self._kafka, fetch_max_wait_ms=50)
+        await consumer.start()
+        try:
+            tp = await self._locate(consumer, topic, request_id)
+            if tp is None:
+                return
+            async with asyncio.timeout(self._timeout_s):
+                while True:
+                    batch = await consumer.getmany(tp, timeout_ms=200)
+                    for record in batch.get(tp, []):
+                        if record.key == key:
+                            yield record
+                    if until_end and await _at_end(consumer, tp):
+                        return
+        except TimeoutError as exc:
+            raise LogReadTimeout(
+                f"reading {topic} for {request_id} took over {self._timeout_s}s"
+            ) from exc
+        finally:
+            await consumer.stop()
+
+    async def _locate(
+        self, consumer: AIOKafkaConsumer, topic: str, request_id: uuid.UUID
+    ) -> TopicPartition | None:
+        await consumer.topics()
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise RuntimeError(f"topic {topic!r} does not exist")
+        tp = TopicPartition(topic, partition_for(request_id, len(partitions)))
+        consumer.assign([tp])
+        since = max(uuid7_unix_ms(request_id) - self._skew_ms, 0)
+        found = (await consumer.offsets_for_times({tp: since}))[tp]
+        if found is None:
+            return None  # nothing at or after that time
+        consumer.seek(tp, found.offset)
+        return tp
+
+
+async def _at_end(consumer: AIOKafkaConsumer, tp: TopicPartition) -> bool:
+    highwater = consumer.highwater(tp)
+    return highwater is not None and await consumer.position(tp) >= highwater

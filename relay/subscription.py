@@ -1,0 +1,77 @@
+"""One subscriber's stream: seq ``after + 1`` onwards, contiguous, no duplicates,
+ending with the terminal event, whatever mix of sources it takes.
+
+    1. register with the hub (taking what it holds and a live queue at once)
+    2. if the hub does not hold the stream from `next_seq`, read the log first:
+       up to the first held event, or to the end of the log
+    3. the held events, then the live queue
+    4. a live event beyond `next_seq` (a gap) is filled from the log first;
+       an overflowed queue (a slow subscriber) goes back to step 1
+
+Every source is filtered by one rule, ``seq == next_seq``, so overlaps between
+them are harmless.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+from schemas import StreamEvent, is_terminal
+
+from .hub import Listener, StreamHub, SubscriberOverflow
+from .log import LogReader
+
+
+class _Cursor:
+    def __init__(self, after: int) -> None:
+        self.next_seq = after + 1
+        self.done = False
+
+    def accept(self, event: StreamEvent) -> bool:
+        if self.done or event.seq != self.next_seq:
+            return False
+        self.next_seq += 1
+        self.done = is_terminal(event)
+        return True
+
+
+async def subscribe(
+    hub: StreamHub, log: LogReader, request_id: uuid.UUID, *, after: int = -1
+) -> AsyncIterator[StreamEvent]:
+    cursor = _Cursor(after)
+    while not cursor.done:
+        with hub.listen(request_id) as listener:
+            try:
+                async for event in _follow(listener, log, request_id, cursor):
+                    yield event
+            except SubscriberOverflow:
+                continue  # re-register; what we missed comes from the hub or the log
+
+
+async def _follow(
+    listener: Listener, log: LogReader, request_id: uuid.UUID, cursor: _Cursor
+) -> AsyncIterator[StreamEvent]:
+    held = listener.backlog
+    if not held or held[0].seq > cursor.next_seq:
+        before = held[0].seq if held else None
+        async for event in log.events(request_id, from_seq=cursor.next_seq, before_seq=before):
+            if cursor.accept(event):
+                yield event
+                if cursor.done:
+                    return
+    for event in held:
+        if cursor.accept(event):
+            yield event
+            if cursor.done:
+                return
+    while not cursor.done:
+        event = await listener.next()
+        if event.seq > cursor.next_seq:
+            async for missed in log.events(
+                request_id, from_seq=cursor.next_seq, before_seq=event.seq
+            ):
+                if cursor.accept(missed):
+                    yield missed
+        if cursor.accept(event):
+            yield event

@@ -1,0 +1,67 @@
+"""The contract: every message on the bus, its topic, and its one encoding."""
+
+from .events import (
+    ErrorCode,
+    FailedEvent,
+    FinishedEvent,
+    FinishReason,
+    StartedEvent,
+    StreamEvent,
+    TerminalEvent,
+    Timings,
+    TokenEvent,
+    Usage,
+    is_terminal,
+)
+from .ids import uuid7, uuid7_datetime, uuid7_unix_ms
+from .requests import (
+    DEFAULT_MODEL,
+    SCHEMA_VERSION,
+    Cancel,
+    ChatMessage,
+    GenerationRequest,
+    PromptInput,
+    SamplingParams,
+)
+from .topics import Topics, message_key, partition_for
+from .wire import (
+    MalformedMessage,
+    decode_cancel,
+    decode_event,
+    decode_request,
+    encode,
+    event_to_sse,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "SCHEMA_VERSION",
+    "Cancel",
+    "ChatMessage",
+    "ErrorCode",
+    "FailedEvent",
+    "FinishReason",
+    "FinishedEvent",
+    "GenerationRequest",
+    "MalformedMessage",
+    "PromptInput",
+    "SamplingParams",
+    "StartedEvent",
+    "StreamEvent",
+    "TerminalEvent",
+    "Timings",
+    "TokenEvent",
+    "Topics",
+    "Usage",
+    "decode_cancel",
+    "decode_event",
+    "decode_request",
+    "encode",
+    "event_to_sse",
+    "is_terminal",
+    "message_key",
+    "partition_for",
+    "uuid7",
+    "uuid7_datetime",
+    "uuid7_unix_ms",
+]

@@ -1,0 +1,96 @@
+"""What a worker publishes: the `StreamEvent` union on `tokenbus.tokens`.
+
+A stream is ``started``, any number of ``token``, then exactly one terminal event
+(``finished`` or ``failed``), with ``seq`` counting 0, 1, 2 ... without gaps. A
+``failed`` event may also come first, when a request is rejected before any
+generation (then it is seq 0 and the stream has no ``started``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from .requests import SCHEMA_VERSION
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"  # deadline passed
+
+
+class ErrorCode(StrEnum):
+    INVALID_REQUEST = "invalid_request"
+    UNKNOWN_MODEL = "unknown_model"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    INTERNAL_ERROR = "internal_error"
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+    request_id: uuid.UUID
+    seq: int = Field(ge=0)
+    ts: AwareDatetime
+    worker: str
+
+
+class StartedEvent(_Event):
+    type: Literal["started"] = "started"
+    model: str
+    model_revision: str
+    prompt_tokens: int
+    queue_wait_ms: float
+
+
+class TokenEvent(_Event):
+    type: Literal["token"] = "token"
+    # The text to append. May be empty while a multi-byte character is incomplete
+    # or while text that may begin a stop string is held back; a later event
+    # carries it. Concatenating every `text` gives the generated text exactly.
+    text: str
+    token_ids: list[int]
+    logprob: float | None = None
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    ttft_ms: float | None  # pickup -> first token; None when no token was generated
+    total_ms: float  # pickup -> terminal event
+
+
+class FinishedEvent(_Event):
+    type: Literal["finished"] = "finished"
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+
+class FailedEvent(_Event):
+    type: Literal["failed"] = "failed"
+    code: ErrorCode
+    message: str
+
+
+StreamEvent = Annotated[
+    StartedEvent | TokenEvent | FinishedEvent | FailedEvent, Field(discriminator="type")
+]
+TerminalEvent = FinishedEvent | FailedEvent
+
+
+def is_terminal(event: StreamEvent) -> bool:
+    return isinstance(event, FinishedEvent | FailedEvent)

@@ -1,0 +1,34 @@
+"""Topic names and the partitioner the parts agree on."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from aiokafka.partitioner import murmur2
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    requests: str = "tokenbus.requests"
+    tokens: str = "tokenbus.tokens"
+    control: str = "tokenbus.control"
+
+    @classmethod
+    def with_prefix(cls, prefix: str) -> Topics:
+        return cls(*(prefix + name for name in cls().all()))
+
+    def all(self) -> tuple[str, str, str]:
+        return (self.requests, self.tokens, self.control)
+
+
+def message_key(request_id: uuid.UUID) -> bytes:
+    """Every message about a request is keyed by its id, so all land on one partition."""
+    return str(request_id).encode()
+
+
+def partition_for(request_id: uuid.UUID, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as in the Java client and
+    aiokafka) puts a request's messages on. Requests and tokens have the same count,
+    so a request and its tokens share a partition index."""
+    return (murmur2(message_key(request_id)) & 0x7FFFFFFF) % partitions

@@ -1,0 +1,3 @@
+from tokenbus.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,293 @@
+"""The ``tokenbus`` command line. Every flag also reads ``TOKENBUS_<FLAG>``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .settings import ClientSettings, KafkaSettings, ServerSettings, WorkerSettings, kafka_env
+
+log = logging.getLogger("tokenbus")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command in {"up", "broker", "serve", "worker"}:
+        logging.basicConfig(
+            level=os.environ.get("TOKENBUS_LOG_LEVEL", "INFO"),
+            format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        )
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _given(**flags: Any) -> dict[str, Any]:
+    """Flags the user gave; the rest fall back to the environment and defaults."""
+    return {name: value for name, value in flags.items() if value is not None}
+
+
+# -- services -------------------------------------------------------------------
+
+
+def _up(args: argparse.Namespace) -> int:
+    from .broker import EmbeddedBroker
+
+    kafka = KafkaSettings(**_given(broker_port=args.broker_port))
+    server = ServerSettings(**_given(port=args.port, host=args.host))
+    started = time.perf_counter()
+    broker = EmbeddedBroker(port=kafka.broker_port) if kafka.embedded else None
+    try:
+        if broker is not None:
+            broker.start()
+        worker_cmd = [sys.executable, "-m", "tokenbus", "worker"]
+        worker_cmd += [f"--model={args.model}"] if args.model else []
+        worker_cmd += [f"--device={args.device}"] if args.device else []
+        return asyncio.run(_run_stack(kafka, server, worker_cmd, started))
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+async def _run_stack(
+    kafka: KafkaSettings, server: ServerSettings, worker_cmd: list[str], started: float
+) -> int:
+    """Topics, one worker process, and the HTTP server, until Ctrl-C or until the
+    worker dies (then everything stops: a stack without a worker only queues)."""
+    from .kafka import ensure_topics
+
+    await ensure_topics(kafka)
+    worker = await asyncio.create_subprocess_exec(*worker_cmd, env=os.environ | kafka_env(kafka))
+    serving, uv = _start_server(kafka, server)
+    watching = asyncio.create_task(worker.wait())
+    try:
+        await _announce(server, serving, since=started)
+        await asyncio.wait({serving, watching}, return_when=asyncio.FIRST_COMPLETED)
+        if watching.done():
+            log.error("the worker exited with status %s; stopping", worker.returncode)
+            uv.should_exit = True
+            await serving
+            return 1
+        return 0
+    finally:
+        if worker.returncode is None:
+            worker.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(worker.wait(), timeout=15)
+            except TimeoutError:
+                worker.kill()
+                await worker.wait()
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from .broker import EmbeddedBroker
+    from .kafka import ensure_topics
+
+    kafka = KafkaSettings(**_given(broker_port=args.broker_port))
+    with EmbeddedBroker(port=kafka.broker_port, quiet=False) as broker:
+        asyncio.run(ensure_topics(kafka))
+        print(f"broker on {broker.bootstrap}; KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}")
+        broker.wait()
+    return 0
+
+
+def _serve_cmd(args: argparse.Namespace) -> int:
+    server = ServerSettings(**_given(port=args.port, host=args.host))
+    asyncio.run(_serve(KafkaSettings(), server))
+    return 0
+
+
+async def _serve(kafka: KafkaSettings, server: ServerSettings) -> None:
+    serving, _ = _start_server(kafka, server)
+    await _announce(server, serving, since=None)
+    await serving
+
+
+def _start_server(kafka: KafkaSettings, server: ServerSettings) -> tuple[asyncio.Task[None], Any]:
+    import uvicorn
+
+    from .server import create_app
+
+    if server.host not in {"127.0.0.1", "localhost", "::1"}:
+        log.warning("listening on %s: there is no authentication yet", server.host)
+    app = create_app(kafka=kafka, settings=server)
+    uv = uvicorn.Server(
+        uvicorn.Config(app, host=server.host, port=server.port, log_level="warning")
+    )
+    return asyncio.create_task(uv.serve()), uv
+
+
+async def _announce(
+    server: ServerSettings, serving: asyncio.Task[None], since: float | None
+) -> None:
+    import httpx
+
+    base = f"http://{server.host}:{server.port}"
+    async with httpx.AsyncClient(base_url=base) as http:
+        while not serving.done():
+            with contextlib.suppress(httpx.TransportError):
+                if (await http.get("/readyz")).status_code == 200:
+                    break
+            await asyncio.sleep(0.1)  # polling our own readiness; ends with the server
+    if serving.done():
+        return
+    took = f" in {time.perf_counter() - since:.1f}s" if since is not None else ""
+    print(
+        f"\ntokenbus is ready{took}: {base}  (web page: {base}/)\n"
+        f"  curl -s {base}/v1/requests -H 'content-type: application/json' \\\n"
+        f'       -d \'{{"messages": [{{"role": "user", "content": "Hi!"}}]}}\'\n'
+        f"  curl -N {base}/v1/requests/<request_id>/events\n"
+        "Ctrl-C stops everything.\n",
+        flush=True,
+    )
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from workers import Worker, load_model
+
+    kafka = KafkaSettings()
+    settings = WorkerSettings(**_given(model=args.model, device=args.device))
+    loaded = load_model(
+        settings.model,
+        device=settings.device,
+        cache_dir=settings.cache_dir,
+        name=settings.model_name,
+    )
+    asyncio.run(Worker(kafka=kafka, settings=settings, model=loaded).run())
+    return 0
+
+
+# -- client commands --------------------------------------------------------------
+
+
+def _submit(args: argparse.Namespace) -> int:
+    return asyncio.run(_submit_async(args))
+
+
+async def _submit_async(args: argparse.Namespace) -> int:
+    from producers import TokenbusClient
+
+    url = ClientSettings(**_given(url=args.url)).url
+    async with TokenbusClient(url) as client:
+        params = _given(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+        if args.raw:
+            submission = await client.submit(args.prompt, **params)
+        else:
+            messages = [{"role": "user", "content": args.prompt}]
+            submission = await client.submit(messages=messages, **params)
+        print(submission.request_id, file=sys.stderr if args.follow else sys.stdout)
+        if not args.follow:
+            return 0
+        return await _print_stream(client, str(submission.request_id), after=-1)
+
+
+def _stream(args: argparse.Namespace) -> int:
+    return asyncio.run(_stream_async(args, after=args.after))
+
+
+def _replay(args: argparse.Namespace) -> int:
+    return asyncio.run(_stream_async(args, after=-1))
+
+
+async def _stream_async(args: argparse.Namespace, *, after: int) -> int:
+    from producers import TokenbusClient
+
+    async with TokenbusClient(ClientSettings(**_given(url=args.url)).url) as client:
+        return await _print_stream(client, args.request_id, after=after, as_json=args.json)
+
+
+async def _print_stream(client: Any, request_id: str, *, after: int, as_json: bool = False) -> int:
+    """Print the text as it arrives (or every event as a JSON line); 1 if it failed."""
+    from schemas import FailedEvent, FinishedEvent, TokenEvent
+
+    status = 0
+    async for event in client.stream(request_id, after=after):
+        if as_json:
+            print(event.model_dump_json(), flush=True)
+        elif isinstance(event, TokenEvent):
+            print(event.text, end="", flush=True)
+        elif isinstance(event, FinishedEvent):
+            print(
+                f"\n[{event.finish_reason}: {event.usage.completion_tokens} tokens, "
+                f"ttft {event.timings.ttft_ms or 0:.0f} ms]",
+                file=sys.stderr,
+            )
+        elif isinstance(event, FailedEvent):
+            print(f"\n[failed: {event.code}: {event.message}]", file=sys.stderr)
+            status = 1
+    return status
+
+
+# -- parser ---------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenbus", description="LLM token streaming over Kafka.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="everything on the embedded default; Ctrl-C stops all")
+    _server_flags(up)
+    up.add_argument("--broker-port", type=int, help="embedded broker port [TOKENBUS_BROKER_PORT]")
+    _model_flags(up)
+    up.set_defaults(run=_up)
+
+    broker = commands.add_parser("broker", help="the embedded broker alone")
+    broker.add_argument("--broker-port", type=int, help="[TOKENBUS_BROKER_PORT]")
+    broker.set_defaults(run=_broker)
+
+    serve = commands.add_parser("serve", help="API + relay (HTTP)")
+    _server_flags(serve)
+    serve.set_defaults(run=_serve_cmd)
+
+    worker = commands.add_parser("worker", help="one model worker")
+    _model_flags(worker)
+    worker.set_defaults(run=_worker)
+
+    submit = commands.add_parser("submit", help="submit a job; --follow streams it")
+    submit.add_argument("prompt")
+    submit.add_argument("--follow", "-f", action="store_true", help="stream the answer")
+    submit.add_argument("--raw", action="store_true", help="send as a plain prompt, not a chat")
+    submit.add_argument("--max-tokens", type=int)
+    submit.add_argument("--temperature", type=float)
+    submit.add_argument("--seed", type=int)
+    _url_flag(submit)
+    submit.set_defaults(run=_submit)
+
+    stream = commands.add_parser("stream", help="subscribe by request id")
+    stream.add_argument("request_id")
+    stream.add_argument("--after", type=int, default=-1, help="resume after this seq")
+    stream.add_argument("--json", action="store_true", help="every event as a JSON line")
+    _url_flag(stream)
+    stream.set_defaults(run=_stream)
+
+    replay = commands.add_parser("replay", help="replay a finished stream")
+    replay.add_argument("request_id")
+    replay.add_argument("--json", action="store_true", help="every event as a JSON line")
+    _url_flag(replay)
+    replay.set_defaults(run=_replay)
+    return parser
+
+
+def _server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, help="HTTP port [TOKENBUS_PORT, default 8000]")
+    parser.add_argument("--host", help="HTTP address [TOKENBUS_HOST, default 127.0.0.1]")
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="local transformers model directory [TOKENBUS_MODEL]")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="[TOKENBUS_DEVICE]")
+
+
+def _url_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="tokenbus API [TOKENBUS_URL, default http://127.0.0.1:8000]")

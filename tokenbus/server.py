@@ -1,0 +1,120 @@
+"""The HTTP process: submission API and SSE relay in one ASGI app.
+
+Clients (the producer and the hub's consumer) are built in the lifespan and
+handed to the routes through the request state; nothing is created at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from producers.api import router as submit_router
+from producers.submitter import Submitter
+from relay.hub import StreamHub
+from relay.log import LogReader
+from relay.routes import router as relay_router
+
+from . import __version__
+from .http import error_response, install_error_handlers
+from .settings import KafkaSettings, ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        submitter = Submitter(kafka)
+        hub = StreamHub(kafka=kafka, settings=settings)
+        registry = CollectorRegistry()
+        registry.register(_RelayCollector(hub))
+        hub_task = asyncio.create_task(_keep_running("relay hub", hub.run), name="relay-hub")
+        try:
+            yield {
+                "submitter": submitter,
+                "hub": hub,
+                "log": LogReader(kafka=kafka, settings=settings),
+                "server_settings": settings,
+                "registry": registry,
+            }
+        finally:
+            hub_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hub_task
+            await submitter.close()
+
+    app = FastAPI(title="tokenbus", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(submit_router)
+    app.include_router(relay_router)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=None)
+    async def readyz(request: Request) -> JSONResponse | dict[str, str]:
+        """200 once the API can produce to the broker and the relay is reading."""
+        if not await request.state.submitter.ready():
+            return error_response(
+                503, "broker_unavailable", f"cannot produce to the broker at {kafka.bootstrap}"
+            )
+        if not request.state.hub.ready.is_set():
+            return error_response(503, "relay_starting", "the relay is not reading the log yet")
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(request.state.registry), media_type="text/plain")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> str:
+        return resources.files("relay").joinpath("static/index.html").read_text()
+
+    return app
+
+
+async def _keep_running(name: str, run: Callable[[], Awaitable[None]]) -> None:
+    """Restart a background loop that failed (the broker went away, say)."""
+    delay = 0.5
+    while True:
+        try:
+            await run()
+        except Exception:
+            log.exception("%s stopped; restarting in %.1fs", name, delay)
+            await asyncio.sleep(delay)  # back off before reconnecting
+            delay = min(delay * 2, 10.0)
+
+
+class _RelayCollector(Collector):
+    def __init__(self, hub: StreamHub) -> None:
+        self._hub = hub
+
+    def collect(self) -> Any:
+        yield CounterMetricFamily(
+            "tokenbus_relay_events_read",
+            "Events read from the tokens topic",
+            value=self._hub.events_read,
+        )
+        yield CounterMetricFamily(
+            "tokenbus_relay_malformed_events",
+            "Undecodable events skipped",
+            value=self._hub.malformed,
+        )
+        yield GaugeMetricFamily(
+            "tokenbus_relay_subscribers", "Open SSE subscriptions", value=self._hub.subscribers
+        )
+        yield GaugeMetricFamily(
+            "tokenbus_relay_streams_held", "Streams held in memory", value=len(self._hub)
+        )

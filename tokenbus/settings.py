@@ -1,0 +1,100 @@
+"""Settings, built once at the edge (the command line) and passed down.
+
+Every field reads ``TOKENBUS_<FIELD>`` from the environment; a command-line flag
+overrides it. ``KAFKA_BOOTSTRAP_SERVERS`` points every part at an existing
+cluster instead of the embedded broker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas import Topics
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TOKENBUS_", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+
+class KafkaSettings(_Settings):
+    bootstrap_servers: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "TOKENBUS_BOOTSTRAP_SERVERS"),
+        description="host:port[,host:port]; unset means the embedded broker on broker_port",
+    )
+    broker_port: int = 9092
+    topic_prefix: str = ""
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    # Tansu (the embedded broker) has no InitProducerId; Apache Kafka should have this on.
+    enable_idempotence: bool = False
+    linger_ms: int = Field(default=2, ge=0, le=20)
+    request_timeout_ms: int = Field(default=10_000, ge=100)
+    client_id: str = "tokenbus"
+
+    @property
+    def bootstrap(self) -> str:
+        return self.bootstrap_servers or f"127.0.0.1:{self.broker_port}"
+
+    @property
+    def embedded(self) -> bool:
+        return self.bootstrap_servers is None
+
+    @property
+    def topics(self) -> Topics:
+        return Topics.with_prefix(self.topic_prefix)
+
+
+class ServerSettings(_Settings):
+    """The HTTP side: submission API and SSE relay."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    keepalive_s: float = Field(default=15.0, gt=0, description="SSE comment interval")
+    send_timeout_s: float = Field(default=30.0, gt=0, description="drop a client stuck this long")
+    relay_max_streams: int = Field(default=1024, ge=1, description="streams held in memory")
+    subscriber_buffer: int = Field(default=1024, ge=1, description="events queued per subscriber")
+    # Token events carry the worker's clock, request ids the API's: look this far
+    # before a request id's timestamp when locating its events in the log.
+    clock_skew_ms: int = Field(default=30_000, ge=0)
+    log_read_timeout_s: float = Field(default=15.0, gt=0)
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(_Settings):
+    model: str | None = Field(default=None, description="local model directory; default SmolLM2")
+    model_name: str | None = Field(default=None, description="name requests use; default: derived")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    worker_id: str = Field(default_factory=_default_worker_id)
+    group_id: str = "tokenbus-workers"
+    max_queued: int = Field(default=8, ge=1, description="requests fetched ahead of generation")
+    cache_dir: Path = Path.home() / ".cache" / "tokenbus"
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
+    max_poll_interval_ms: int = 60_000
+
+
+class ClientSettings(_Settings):
+    url: str = "http://127.0.0.1:8000"
+
+
+def kafka_env(kafka: KafkaSettings) -> dict[str, str]:
+    """The environment that gives a child process these same Kafka settings."""
+    env = {
+        f"TOKENBUS_{name.upper()}": str(value)
+        for name, value in kafka.model_dump(exclude={"bootstrap_servers"}).items()
+    }
+    if kafka.bootstrap_servers:
+        env["KAFKA_BOOTSTRAP_SERVERS"] = kafka.bootstrap_servers
+    return env

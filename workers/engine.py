@@ -1,0 +1,156 @@
+"""The generation engine: prompt -> token steps, with a KV cache, per-request
+sampling, stop strings and incremental detokenization.
+
+Forward passes run in a thread so the event loop keeps publishing and polling
+while the model computes. One sequence at a time for now; the step structure
+(prefill, then one decode step per token) is what continuous batching extends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from schemas import FinishReason, GenerationRequest, SamplingParams
+
+from .models import LoadedModel
+from .text import IncrementalDetokenizer, StopMatcher
+
+
+class PromptError(ValueError):
+    """The request cannot be turned into a prompt for this model."""
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One published unit: a token (or, at the end, held-back text) and, on the
+    last step, why generation ended."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprob: float | None = None
+    finish_reason: FinishReason | None = None
+
+
+class Sampler:
+    """Greedy at temperature 0; otherwise temperature, top-k, top-p. A seeded
+    request draws from its own generator, so it is reproducible."""
+
+    def __init__(self, params: SamplingParams, device: torch.device) -> None:
+        self._params = params
+        self._generator = torch.Generator(device=device)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self._generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> tuple[int, float]:
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        p = self._params
+        if p.temperature == 0:
+            token = int(torch.argmax(logits))
+            return token, float(logprobs[token])
+        scores = logits / p.temperature
+        if p.top_k is not None and p.top_k < scores.numel():
+            kth = torch.topk(scores, p.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if p.top_p < 1.0:
+            ordered, order = torch.sort(scores, descending=True)
+            probs = torch.softmax(ordered, dim=-1)
+            # drop a token once the ones before it already cover top_p (keep the first)
+            drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+            scores = scores.scatter(0, order[drop], float("-inf"))
+        token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self._generator))
+        return token, float(logprobs[token])
+
+
+class GenerationEngine:
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self._model = loaded.model
+        self._tokenizer = loaded.tokenizer
+        self._eos = _eos_ids(loaded)
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        tokenizer = self._tokenizer
+        if request.messages is not None:
+            if not getattr(tokenizer, "chat_template", None):
+                raise PromptError(f"model {self.loaded.name} has no chat template; send 'prompt'")
+            text = tokenizer.apply_chat_template(
+                [m.model_dump() for m in request.messages],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(request.prompt)["input_ids"]
+        needed = len(ids) + request.sampling.max_tokens
+        if needed > self.loaded.max_context:
+            raise PromptError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({request.sampling.max_tokens}) exceeds "
+                f"the model's context of {self.loaded.max_context} tokens"
+            )
+        return list(ids)
+
+    async def generate(
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> AsyncIterator[Step]:
+        """Yield a step per generated token; the last step carries finish_reason.
+
+        The end-of-sequence token is not yielded (it is not part of the text).
+        Text held back at the end (half a character, a possible stop prefix that
+        never completed) comes in a final step with no token ids.
+        """
+        params = request.sampling
+        sampler = Sampler(params, self.loaded.device)
+        detokenizer = IncrementalDetokenizer(self._tokenizer)
+        stops = StopMatcher(params.stop)
+
+        logits, cache = await asyncio.to_thread(self._forward, prompt_ids, None)
+        for produced in range(1, params.max_tokens + 1):
+            if should_stop():
+                yield Step(text=stops.flush(), finish_reason=FinishReason.CANCELLED)
+                return
+            token, logprob = sampler(logits)
+            if token in self._eos:
+                yield Step(
+                    text=stops.feed(detokenizer.flush()) + stops.flush(),
+                    finish_reason=FinishReason.STOP,
+                )
+                return
+            text = stops.feed(detokenizer.push(token))
+            if stops.stopped:
+                yield Step(text, [token], logprob, FinishReason.STOP)
+                return
+            if produced == params.max_tokens:
+                tail = stops.feed(detokenizer.flush()) + stops.flush()
+                yield Step(text + tail, [token], logprob, FinishReason.LENGTH)
+                return
+            yield Step(text, [token], logprob)
+            logits, cache = await asyncio.to_thread(self._forward, [token], cache)
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int], cache: Any) -> tuple[torch.Tensor, Any]:
+        input_ids = torch.tensor([ids], device=self.loaded.device)
+        out = self._model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return out.logits[0, -1], out.past_key_values
+
+
+def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
+    ids: set[int] = set()
+    configured = loaded.model.generation_config.eos_token_id
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(loaded.tokenizer.eos_token_id)
+    return frozenset(ids)

