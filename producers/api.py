@@ -10,8 +10,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import AwareDatetime, ConfigDict, Field, field_validator
 
-from schemas import DEFAULT_MODEL, GenerationRequest, PromptInput, SamplingParams, uuid7
-from schemas.requests import ModelName, check_metadata
+from schemas import GenerationRequest, PromptInput, SamplingParams, uuid7
+from schemas.requests import ANY_MODEL, ModelName, check_metadata
 from tokenbus.http import ApiError
 
 from .submitter import BrokerUnavailable, Submitter
@@ -25,7 +25,7 @@ class SubmitBody(PromptInput, SamplingParams):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: ModelName = DEFAULT_MODEL
+    model: ModelName = ANY_MODEL
     deadline: AwareDatetime | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
 

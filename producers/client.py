@@ -88,6 +88,8 @@ class TokenbusClient:
                         await source.response.aread()
                         _raise_for_error(source.response)
                     async for message in source.aiter_sse():
+                        if not message.data:
+                            continue  # a keep-alive comment
                         event = decode_event(message.data.encode())
                         if event.seq <= last:
                             continue

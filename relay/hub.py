@@ -112,8 +112,8 @@ class StreamHub:
         """Read tokenbus.tokens until cancelled."""
         topic = self._kafka.topics.tokens
         consumer = new_consumer(self._kafka, fetch_max_wait_ms=100)
-        await consumer.start()
         try:
+            await consumer.start()
             partitions = await _partitions(consumer, topic)
             consumer.assign(partitions)
             # Start at the end: older streams are read back from the log on demand.

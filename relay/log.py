@@ -24,11 +24,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from schemas import (
-    GenerationRequest,
     MalformedMessage,
     StreamEvent,
     decode_event,
-    decode_request,
     message_key,
     partition_for,
     uuid7_unix_ms,
@@ -49,18 +47,16 @@ class LogReader:
         self._skew_ms = settings.clock_skew_ms
         self._timeout_s = settings.log_read_timeout_s
 
-    async def find_request(self, request_id: uuid.UUID) -> GenerationRequest | None:
-        """The request as submitted, or None if no such request is in the log."""
+    async def was_submitted(self, request_id: uuid.UUID) -> bool:
+        """Whether anything was submitted under this id (a malformed submission counts:
+        its stream holds the `failed` event that answered it)."""
         if uuid7_unix_ms(request_id) > time.time() * 1000 + self._skew_ms:
-            return None  # minted in the future: nobody submitted it
+            return False  # minted in the future: nobody submitted it
         scan = self._scan(self._kafka.topics.requests, request_id, until_end=True)
         async with aclosing(scan) as records:
-            async for record in records:
-                try:
-                    return decode_request(record.value)
-                except MalformedMessage:
-                    continue
-        return None
+            async for _ in records:
+                return True
+        return False
 
     async def events(
         self, request_id: uuid.UUID, *, from_seq: int, before_seq: int | None = None
@@ -93,8 +89,8 @@ class LogReader:
     ) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
         key = message_key(request_id)
         consumer = new_consumer(self._kafka, fetch_max_wait_ms=50)
-        await consumer.start()
         try:
+            await consumer.start()
             tp = await self._locate(consumer, topic, request_id)
             if tp is None:
                 return

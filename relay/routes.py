@@ -70,10 +70,10 @@ async def stream_events(
     log: LogReader = request.state.log
     if not hub.holds(rid):
         try:
-            known = await log.find_request(rid)
+            known = await log.was_submitted(rid)
         except LogReadTimeout as exc:
             raise ApiError(503, "log_unavailable", str(exc), {"Retry-After": "5"}) from exc
-        if known is None:
+        if not known:
             raise ApiError(
                 404,
                 "unknown_request",

@@ -27,7 +27,8 @@ MAX_METADATA_ITEMS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # what the default worker serves
+ANY_MODEL = "default"  # a request that names no model: whatever the worker group serves
 
 TenantId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
 ModelName = Annotated[str, Field(min_length=1, max_length=128)]
@@ -98,7 +99,7 @@ class GenerationRequest(PromptInput):
     schema_version: int = SCHEMA_VERSION
     request_id: uuid.UUID
     tenant: TenantId = "default"
-    model: ModelName = DEFAULT_MODEL
+    model: ModelName = ANY_MODEL
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     submitted_at: AwareDatetime
     deadline: AwareDatetime | None = None

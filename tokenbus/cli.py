@@ -102,6 +102,15 @@ def _broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _topics(args: argparse.Namespace) -> int:
+    from .kafka import ensure_topics
+
+    kafka = KafkaSettings()
+    asyncio.run(ensure_topics(kafka))
+    print(f"topics ready on {kafka.bootstrap}: {', '.join(kafka.topics.all())}")
+    return 0
+
+
 def _serve_cmd(args: argparse.Namespace) -> int:
     server = ServerSettings(**_given(port=args.port, host=args.host))
     asyncio.run(_serve(KafkaSettings(), server))
@@ -245,6 +254,9 @@ def _parser() -> argparse.ArgumentParser:
     broker = commands.add_parser("broker", help="the embedded broker alone")
     broker.add_argument("--broker-port", type=int, help="[TOKENBUS_BROKER_PORT]")
     broker.set_defaults(run=_broker)
+
+    topics = commands.add_parser("topics", help="create the topics on KAFKA_BOOTSTRAP_SERVERS")
+    topics.set_defaults(run=_topics)
 
     serve = commands.add_parser("serve", help="API + relay (HTTP)")
     _server_flags(serve)

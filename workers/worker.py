@@ -33,6 +33,7 @@ from schemas import (
     Usage,
     decode_request,
 )
+from schemas.requests import ANY_MODEL
 from tokenbus.kafka import new_consumer, new_producer
 from tokenbus.settings import KafkaSettings, WorkerSettings
 
@@ -60,7 +61,7 @@ class Worker:
         self._settings = settings
         self._model = model
         self._engine = GenerationEngine(model)
-        self._names = {model.name, "default"}
+        self._names = {model.name, ANY_MODEL}
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._offsets = OffsetTracker()
         self._revoked: set[TopicPartition] = set()
@@ -84,8 +85,8 @@ class Worker:
             max_poll_interval_ms=self._settings.max_poll_interval_ms,
         )
         self._consumer.subscribe([topics.requests], listener=_Rebalance(self))
-        await self._producer.start()
         try:
+            await self._producer.start()
             await self._consumer.start()
             log.info(
                 "worker %s serving %s on %s", self.worker_id, self._model.name, topics.requests

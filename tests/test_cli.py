@@ -1,0 +1,126 @@
+"""`tokenbus up` as a user runs it: a real process tree (broker, worker, server),
+driven by `tokenbus submit --follow`, stopped with Ctrl-C.
+
+A tiny random-weight model keeps this test fast; the model path itself is tested
+end to end with the real SmolLM2 in test_end_to_end.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from workers import LoadedModel
+
+from .conftest import free_port
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-model")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm.tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    smollm.tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENBUS_", "KAFKA_"))}
+    return env | {"PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def running_up(tiny_model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str], int]]:
+    port, broker_port = free_port(), free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "tokenbus",
+        "up",
+        f"--port={port}",
+        f"--broker-port={broker_port}",
+        f"--model={tiny_model_dir}",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
+    )
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:  # ends when the process does; the test timeout bounds it
+        seen.append(line)
+        if "tokenbus is ready" in line:
+            break
+    else:
+        pytest.fail("tokenbus up exited before it was ready:\n" + "".join(seen))
+    try:
+        yield f"http://127.0.0.1:{port}", proc, broker_port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def test_up_serves_a_prompt_and_ctrl_c_stops_everything(
+    running_up: tuple[str, subprocess.Popen[str], int], tiny_model_dir: Path
+) -> None:
+    url, proc, broker_port = running_up
+    submit = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokenbus",
+            "submit",
+            "Hello there",
+            "--follow",
+            "--max-tokens=6",
+            f"--url={url}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
+    assert submit.returncode == 0, submit.stderr
+    assert "[length: 6 tokens" in submit.stderr or "[stop:" in submit.stderr
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130  # the shell's convention for an interrupted command
+    assert _processes_with(str(tiny_model_dir)) == []  # no worker left behind
+    for port in (int(url.rsplit(":", 1)[1]), broker_port):
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
+
+
+def _processes_with(text: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-af", f"tokenbus.*{text}"], capture_output=True, text=True)
+    return [line for line in found.stdout.splitlines() if "pgrep" not in line]
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenbus", "frobnicate"], capture_output=True, text=True, env=_env()
+    )
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
