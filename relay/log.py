@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -86,7 +86,7 @@ class LogReader:
 
     async def _scan(
         self, topic: str, request_id: uuid.UUID, *, until_end: bool
-    ) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
+    ) -> AsyncGenerator[ConsumerRecord[bytes, bytes], None]:
         key = message_key(request_id)
         consumer = new_consumer(self._kafka, fetch_max_wait_ms=50)
         try:

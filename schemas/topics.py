@@ -31,4 +31,4 @@ def partition_for(request_id: uuid.UUID, partitions: int) -> int:
     """The partition Kafka's default partitioner (murmur2, as in the Java client and
     aiokafka) puts a request's messages on. Requests and tokens have the same count,
     so a request and its tokens share a partition index."""
-    return (murmur2(message_key(request_id)) & 0x7FFFFFFF) % partitions
+    return (int(murmur2(message_key(request_id))) & 0x7FFFFFFF) % partitions

@@ -41,7 +41,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
-        return error_response(exc.status_code, "http_error", str(exc.detail), exc.headers)
+        return error_response(
+            exc.status_code, "http_error", str(exc.detail), dict(exc.headers or {})
+        )
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_body)
