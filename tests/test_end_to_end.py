@@ -10,9 +10,10 @@ from httpx_sse import aconnect_sse
 
 from producers import TokenbusClient
 from schemas import FinishedEvent, StartedEvent, TokenEvent, decode_event
+from tokenbus.settings import KafkaSettings
 from workers import LoadedModel
 
-from .conftest import Stack, assert_complete, collect, serving, text_of, working
+from .conftest import Stack, assert_complete, collect, eventually, serving, text_of, working
 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
@@ -132,9 +133,7 @@ async def test_after_query_parameter_resumes(stack: Stack) -> None:
     assert tail == whole[3:]
 
 
-async def test_late_subscriber_gets_the_whole_stream_from_any_relay(
-    stack: Stack, kafka: object
-) -> None:
+async def test_late_subscriber_gets_the_whole_stream_from_any_relay(stack: Stack) -> None:
     submission = await stack.client.submit(messages=CHAT, max_tokens=20, temperature=0)
     live = await collect(stack.client, submission.request_id)
     assert_complete(live)
@@ -149,15 +148,16 @@ async def test_late_subscriber_gets_the_whole_stream_from_any_relay(
 
 
 async def test_subscriber_before_pickup_waits_for_the_worker(
-    kafka: object, smollm: LoadedModel
+    kafka: KafkaSettings, smollm: LoadedModel
 ) -> None:
-    from tokenbus.settings import KafkaSettings
-
-    assert isinstance(kafka, KafkaSettings)
-    async with serving(kafka) as (url, _), TokenbusClient(url) as client:
+    async with serving(kafka) as (url, http), TokenbusClient(url) as client:
         submission = await client.submit(messages=CHAT, max_tokens=8, temperature=0)
         subscriber = asyncio.create_task(collect(client, submission.request_id))
-        await asyncio.sleep(0)  # let it connect; it must wait, not end
+
+        async def subscribed() -> bool:
+            return "tokenbus_relay_subscribers 1.0" in (await http.get("/metrics")).text
+
+        await eventually(subscribed)  # connected, and waiting: no worker runs yet
         assert not subscriber.done()
         async with working(kafka, smollm):
             events = await asyncio.wait_for(subscriber, timeout=120)
