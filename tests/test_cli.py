@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,35 +83,42 @@ def running_up(tiny_model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str
         proc.stdout.close()
 
 
-def test_up_serves_a_prompt_and_ctrl_c_stops_everything(
-    running_up: tuple[str, subprocess.Popen[str], int], tiny_model_dir: Path
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_up_serves_a_prompt_and_a_signal_stops_everything(
+    running_up: tuple[str, subprocess.Popen[str], int], tiny_model_dir: Path, stop_signal: int
 ) -> None:
     url, proc, broker_port = running_up
     submit = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tokenbus",
-            "submit",
-            "Hello there",
-            "--follow",
-            "--max-tokens=6",
-            f"--url={url}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=_env(),
-    )
+        [sys.executable, "-m", "tokenbus", "submit", "Hello there", "--follow",
+         "--max-tokens=6", f"--url={url}"],
+        capture_output=True, text=True, timeout=120, env=_env(),
+    )  # fmt: skip
     assert submit.returncode == 0, submit.stderr
     assert "[length: 6 tokens" in submit.stderr or "[stop:" in submit.stderr
 
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop_signal)
     assert proc.wait(timeout=60) == 130  # the shell's convention for an interrupted command
     assert _processes_with(str(tiny_model_dir)) == []  # no worker left behind
-    for port in (int(url.rsplit(":", 1)[1]), broker_port):
-        with socket.socket() as sock:
-            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
+    assert not _listening(int(url.rsplit(":", 1)[1]))
+    assert not _listening(broker_port)
+
+
+def test_killed_up_leaves_no_broker_or_worker_behind(
+    running_up: tuple[str, subprocess.Popen[str], int], tiny_model_dir: Path
+) -> None:
+    _, proc, broker_port = running_up
+    assert _processes_with(str(tiny_model_dir)) != []
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while _processes_with(str(tiny_model_dir)) or _listening(broker_port):
+        assert time.monotonic() < deadline, "children outlived a killed `tokenbus up`"
+        time.sleep(0.05)  # polling for process exit, bounded by the deadline
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _processes_with(text: str) -> list[str]:

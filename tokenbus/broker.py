@@ -9,6 +9,8 @@ import subprocess
 import time
 from types import TracebackType
 
+from .children import die_with_parent
+
 log = logging.getLogger(__name__)
 
 
@@ -50,6 +52,7 @@ class EmbeddedBroker:
             ],
             stdout=output,
             stderr=output,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout_s
         while not _port_open(self.host, self.port):

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .children import die_with_parent
 from .settings import ClientSettings, KafkaSettings, ServerSettings, WorkerSettings, kafka_env
 
 log = logging.getLogger("tokenbus")
@@ -25,12 +26,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=os.environ.get("TOKENBUS_LOG_LEVEL", "INFO"),
             format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         )
+        # SIGTERM (docker stop, systemd) shuts down as cleanly as Ctrl-C does.
+        signal.signal(signal.SIGTERM, _interrupt)
         logging.getLogger("httpx").setLevel(logging.WARNING)
         logging.getLogger("aiokafka").setLevel(logging.WARNING)
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         return 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _given(**flags: Any) -> dict[str, Any]:
@@ -68,7 +75,9 @@ async def _run_stack(
     from .kafka import ensure_topics
 
     await ensure_topics(kafka)
-    worker = await asyncio.create_subprocess_exec(*worker_cmd, env=os.environ | kafka_env(kafka))
+    worker = await asyncio.create_subprocess_exec(
+        *worker_cmd, env=os.environ | kafka_env(kafka), preexec_fn=die_with_parent
+    )
     serving, uv = _start_server(kafka, server)
     watching = asyncio.create_task(worker.wait())
     try:
@@ -137,6 +146,9 @@ def _start_server(kafka: KafkaSettings, server: ServerSettings) -> tuple[asyncio
     return asyncio.create_task(uv.serve()), uv
 
 
+_EXAMPLE_BODY = '{"messages": [{"role": "user", "content": "Hi!"}], "temperature": 0.2}'
+
+
 async def _announce(
     server: ServerSettings, serving: asyncio.Task[None], since: float | None
 ) -> None:
@@ -155,7 +167,7 @@ async def _announce(
     print(
         f"\ntokenbus is ready{took}: {base}  (web page: {base}/)\n"
         f"  curl -s {base}/v1/requests -H 'content-type: application/json' \\\n"
-        f'       -d \'{{"messages": [{{"role": "user", "content": "Hi!"}}]}}\'\n'
+        f"       -d '{_EXAMPLE_BODY}'\n"
         f"  curl -N {base}/v1/requests/<request_id>/events\n"
         "Ctrl-C stops everything.\n",
         flush=True,
