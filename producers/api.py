@@ -1,5 +1,9 @@
-"""``POST /v1/requests``: validate, assign a UUIDv7, produce, answer 202 once the
-broker has the request."""
+"""``POST /v1/requests`` and ``DELETE /v1/requests/{id}``.
+
+A submission is validated, given a UUIDv7, produced, and answered 202 only once
+the broker has it. A cancel is a `Cancel` on ``tokenbus.control``; every worker
+reads it, and the one generating the request stops within a decode step.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,14 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import AwareDatetime, ConfigDict, Field, field_validator
 
-from schemas import GenerationRequest, PromptInput, SamplingParams, uuid7
+from relay.directory import RequestDirectory
+from schemas import Cancel, GenerationRequest, PromptInput, SamplingParams, uuid7
 from schemas.requests import ANY_MODEL, ModelName, check_metadata
-from tokenbus.http import ApiError
+from tokenbus.access import Access, Caller
+from tokenbus.http import ApiError, client_address, parse_request_id
 
 from .submitter import BrokerUnavailable, Submitter
 
@@ -21,53 +27,90 @@ router = APIRouter()
 
 class SubmitBody(PromptInput, SamplingParams):
     """The body of ``POST /v1/requests``: a prompt or chat, OpenAI-style sampling
-    parameters, and optional deadline and metadata."""
+    parameters, and optional deadline, metadata and cancel_on_disconnect."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: ModelName = ANY_MODEL
     deadline: AwareDatetime | None = None
+    cancel_on_disconnect: bool = False
     metadata: dict[str, str] = Field(default_factory=dict)
 
     _metadata_bounds = field_validator("metadata")(check_metadata)
 
     def to_request(self, request_id: uuid.UUID, tenant: str) -> GenerationRequest:
-        sampling = SamplingParams(**self.model_dump(include=set(SamplingParams.model_fields)))
         return GenerationRequest(
             request_id=request_id,
             tenant=tenant,
             model=self.model,
             messages=self.messages,
             prompt=self.prompt,
-            sampling=sampling,
+            sampling=sampling_of(self),
             submitted_at=datetime.now(UTC),
             deadline=self.deadline,
+            cancel_on_disconnect=self.cancel_on_disconnect,
             metadata=self.metadata,
         )
 
 
-def submitter(request: Request) -> Submitter:
-    return request.state.submitter  # type: ignore[no-any-return]
+def sampling_of(body: SamplingParams) -> SamplingParams:
+    return SamplingParams(**body.model_dump(include=set(SamplingParams.model_fields)))
+
+
+def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    access: Access = request.state.access
+    return access.authenticate(authorization, client_address(request))
 
 
 def events_path(request_id: uuid.UUID) -> str:
     return f"/v1/requests/{request_id}/events"
 
 
-@router.post("/v1/requests", status_code=202)
-async def submit_request(
-    body: SubmitBody, response: Response, submitter: Annotated[Submitter, Depends(submitter)]
-) -> dict[str, Any]:
-    request = body.to_request(uuid7(), tenant="default")
+async def accept(request: Request, caller: Caller, generation: GenerationRequest) -> None:
+    """Rate-limit, produce (acknowledged), and remember a request; the one way in."""
+    state = request.state
+    state.access.admit_submission(caller)
+    submitter: Submitter = state.submitter
     try:
-        await submitter.submit(request)
+        await submitter.submit(generation)
     except BrokerUnavailable as exc:
         raise ApiError(503, "broker_unavailable", str(exc), {"Retry-After": "5"}) from exc
-    response.headers["Location"] = events_path(request.request_id)
+    directory: RequestDirectory = state.directory
+    directory.remember(generation)
+
+
+@router.post("/v1/requests", status_code=202)
+async def submit_request(
+    body: SubmitBody,
+    request: Request,
+    response: Response,
+    caller: Annotated[Caller, Depends(caller)],
+) -> dict[str, Any]:
+    generation = body.to_request(uuid7(), tenant=caller.tenant)
+    await accept(request, caller, generation)
+    access: Access = request.state.access
+    response.headers["Location"] = events_path(generation.request_id)
     return {
-        "request_id": str(request.request_id),
-        "events_url": events_path(request.request_id),
+        "request_id": str(generation.request_id),
+        "events_url": events_path(generation.request_id),
+        "stream_token": access.stream_token(generation.request_id, caller.tenant),
         "status": "queued",
-        "model": request.model,
-        "submitted_at": request.submitted_at.isoformat(),
+        "model": generation.model,
+        "submitted_at": generation.submitted_at.isoformat(),
     }
+
+
+@router.delete("/v1/requests/{request_id}", status_code=202)
+async def cancel_request(
+    request_id: str, request: Request, caller: Annotated[Caller, Depends(caller)]
+) -> dict[str, Any]:
+    rid = parse_request_id(request_id)
+    directory: RequestDirectory = request.state.directory
+    await directory.owned(rid, caller)
+    submitter: Submitter = request.state.submitter
+    try:
+        await submitter.cancel(Cancel(request_id=rid, reason="cancelled by client",
+                                      ts=datetime.now(UTC)))  # fmt: skip
+    except BrokerUnavailable as exc:
+        raise ApiError(503, "broker_unavailable", str(exc), {"Retry-After": "5"}) from exc
+    return {"request_id": str(rid), "status": "cancelling"}

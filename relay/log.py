@@ -6,9 +6,7 @@ on one known partition). A read seeks that partition to the timestamp (minus the
 allowed clock skew) with ListOffsets-by-time, then scans forward keeping only the
 request's messages.
 
-Where the log ends is taken from the fetch high-watermark, not from ListOffsets
-(LATEST): the embedded Tansu broker answers the latter with the base offset of
-the last batch + 1, which is short of the end after a multi-record batch.
+Where the log ends is taken from the fetch high-watermark (see `tokenbus.kafka.at_end`).
 """
 
 from __future__ import annotations
@@ -19,19 +17,22 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from schemas import (
+    GenerationRequest,
     MalformedMessage,
     StreamEvent,
     decode_event,
+    decode_request,
     message_key,
     partition_for,
     uuid7_unix_ms,
 )
-from tokenbus.kafka import new_consumer
+from tokenbus.kafka import at_end, new_consumer
 from tokenbus.settings import KafkaSettings, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -41,22 +42,30 @@ class LogReadTimeout(TimeoutError):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    request: GenerationRequest | None  # None: the message under this id was malformed
+
+
 class LogReader:
     def __init__(self, *, kafka: KafkaSettings, settings: ServerSettings) -> None:
         self._kafka = kafka
         self._skew_ms = settings.clock_skew_ms
         self._timeout_s = settings.log_read_timeout_s
 
-    async def was_submitted(self, request_id: uuid.UUID) -> bool:
-        """Whether anything was submitted under this id (a malformed submission counts:
-        its stream holds the `failed` event that answered it)."""
+    async def find_request(self, request_id: uuid.UUID) -> Submitted | None:
+        """What was submitted under this id, or None if nothing was."""
         if uuid7_unix_ms(request_id) > time.time() * 1000 + self._skew_ms:
-            return False  # minted in the future: nobody submitted it
+            return None  # minted in the future: nobody submitted it
         scan = self._scan(self._kafka.topics.requests, request_id, until_end=True)
         async with aclosing(scan) as records:
-            async for _ in records:
-                return True
-        return False
+            async for record in records:
+                try:
+                    return Submitted(decode_request(record.value))
+                except MalformedMessage:
+                    # Its stream holds the `failed` event that answered it.
+                    return Submitted(None)
+        return None
 
     async def events(
         self, request_id: uuid.UUID, *, from_seq: int, before_seq: int | None = None
@@ -100,7 +109,7 @@ class LogReader:
                     for record in batch.get(tp, []):
                         if record.key == key:
                             yield record
-                    if until_end and await _at_end(consumer, tp):
+                    if until_end and await at_end(consumer, tp):
                         return
         except TimeoutError as exc:
             raise LogReadTimeout(
@@ -124,8 +133,3 @@ class LogReader:
             return None  # nothing at or after that time
         consumer.seek(tp, found.offset)
         return tp
-
-
-async def _at_end(consumer: AIOKafkaConsumer, tp: TopicPartition) -> bool:
-    highwater = consumer.highwater(tp)
-    return highwater is not None and await consumer.position(tp) >= highwater

@@ -3,41 +3,37 @@
     id: <seq>        event: started | token | finished | failed        data: <json>
 
 Resume with ``Last-Event-ID: N`` or ``?after=N`` (the stream continues at N+1).
-Keep-alive comments flow while nothing else does; the response ends after the
-terminal event.
+``?pace=original`` replays a stream with its recorded timing. Keep-alive comments
+flow while nothing else does; the response ends after the terminal event, or
+after an ``event: error`` when the log no longer holds what was asked for.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from schemas import event_to_sse
-from schemas.ids import is_uuid7
-from tokenbus.http import ApiError
+from producers.submitter import BrokerUnavailable, Submitter
+from schemas import Cancel, StreamEvent, error_to_sse, event_to_sse
+from tokenbus.access import Access
+from tokenbus.http import ApiError, client_address, parse_request_id
 
-from .hub import StreamHub
-from .log import LogReader, LogReadTimeout
-from .subscription import subscribe
+from .directory import RequestDirectory
+from .subscription import StreamTruncated, subscribe
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 # Proxies (nginx and friends) must pass each event on at once.
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def parse_request_id(raw: str) -> uuid.UUID:
-    try:
-        request_id = uuid.UUID(raw)
-    except ValueError:
-        raise ApiError(400, "invalid_request_id", f"{raw!r} is not a request id (a UUID)") from None
-    if not is_uuid7(request_id):
-        raise ApiError(400, "invalid_request_id", f"{raw} is not a tokenbus request id (UUIDv7)")
-    return request_id
 
 
 def resume_point(after: int | None, last_event_id: str | None) -> int:
@@ -47,10 +43,9 @@ def resume_point(after: int | None, last_event_id: str | None) -> int:
             value = int(last_event_id.strip())
         except ValueError:
             raise ApiError(
-                400,
-                "invalid_last_event_id",
+                400, "invalid_last_event_id",
                 f"Last-Event-ID {last_event_id!r} is not a seq (an integer >= 0)",
-            ) from None
+            ) from None  # fmt: skip
         if value < 0:
             raise ApiError(400, "invalid_last_event_id", "Last-Event-ID must be >= 0")
         return value
@@ -62,34 +57,91 @@ async def stream_events(
     request_id: str,
     request: Request,
     after: Annotated[int | None, Query(ge=-1, description="resume after this seq")] = None,
+    pace: Annotated[Literal["fast", "original"], Query()] = "fast",
+    token: Annotated[str | None, Query(description="stream token from the submission")] = None,
     last_event_id: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> EventSourceResponse:
     rid = parse_request_id(request_id)
     resume_after = resume_point(after, last_event_id)
-    hub: StreamHub = request.state.hub
-    log: LogReader = request.state.log
-    if not hub.holds(rid):
-        try:
-            known = await log.was_submitted(rid)
-        except LogReadTimeout as exc:
-            raise ApiError(503, "log_unavailable", str(exc), {"Retry-After": "5"}) from exc
-        if not known:
-            raise ApiError(
-                404,
-                "unknown_request",
-                f"no request {rid} was submitted (or it has left the log's retention window)",
-            )
+    access: Access = request.state.access
+    client = client_address(request)
+    if token is not None:
+        caller = access.check_stream_token(token, rid, client)
+    else:
+        caller = access.authenticate(authorization, client)
+    directory: RequestDirectory = request.state.directory
+    known = await directory.owned(rid, caller)
+    release = access.open_stream(caller)  # a 429 comes here, before the response starts
     settings = request.state.server_settings
+    frames = _frames(request, rid, resume_after, pace, known.cancel_on_disconnect)
     return EventSourceResponse(
-        _frames(hub, log, rid, resume_after),
+        _released(frames, release),
         ping=settings.keepalive_s,
         send_timeout=settings.send_timeout_s,
         headers=_STREAM_HEADERS,
     )
 
 
-async def _frames(
-    hub: StreamHub, log: LogReader, request_id: uuid.UUID, after: int
+async def _released(
+    frames: AsyncIterator[ServerSentEvent], release: Callable[[], None]
 ) -> AsyncIterator[ServerSentEvent]:
-    async for event in subscribe(hub, log, request_id, after=after):
-        yield event_to_sse(event)
+    try:
+        async for frame in frames:
+            yield frame
+    finally:
+        release()
+
+
+async def _frames(
+    request: Request, rid: uuid.UUID, after: int, pace: str, cancel_on_disconnect: bool
+) -> AsyncIterator[ServerSentEvent]:
+    state = request.state
+    events = subscribe(state.hub, state.log, rid, after=after)
+    if pace == "original":
+        events = _original_pace(events)
+    finished = False
+    try:
+        async for event in events:
+            yield event_to_sse(event)
+        finished = True
+    except StreamTruncated as exc:
+        finished = True
+        yield error_to_sse("stream_truncated", str(exc))
+    finally:
+        if not finished and cancel_on_disconnect:
+            _cancel_in_background(state.submitter, rid, state.background)
+
+
+async def _original_pace(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+    """Each event when it is due: as far after the first as it was when recorded."""
+    first: datetime | None = None
+    start = 0.0
+    async for event in events:
+        if first is None:
+            first, start = event.ts, time.monotonic()
+        else:
+            due = start + (event.ts - first).total_seconds()
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the recorded gap: pacing is the point here
+        yield event
+
+
+def _cancel_in_background(
+    submitter: Submitter, rid: uuid.UUID, background: set[asyncio.Task[None]]
+) -> None:
+    """The subscriber is gone (its task is being cancelled), so the Cancel is sent
+    from a task of its own."""
+
+    async def cancel() -> None:
+        try:
+            await submitter.cancel(
+                Cancel(request_id=rid, reason="client disconnected", ts=datetime.now(UTC))
+            )
+        except BrokerUnavailable:
+            log.warning("could not cancel %s after its client disconnected", rid)
+
+    task = asyncio.get_running_loop().create_task(cancel())
+    background.add(task)
+    task.add_done_callback(background.discard)

@@ -9,7 +9,9 @@ ending with the terminal event, whatever mix of sources it takes.
        an overflowed queue (a slow subscriber) goes back to step 1
 
 Every source is filtered by one rule, ``seq == next_seq``, so overlaps between
-them are harmless.
+them are harmless. When the log no longer holds ``next_seq`` (retention deleted
+it), the subscription raises `StreamTruncated` instead of skipping ahead: a
+client never sees a silent gap.
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ from schemas import StreamEvent, is_terminal
 
 from .hub import Listener, StreamHub, SubscriberOverflow
 from .log import LogReader
+
+
+class StreamTruncated(Exception):
+    def __init__(self, request_id: uuid.UUID, wanted: int, available: int | None) -> None:
+        where = (
+            f"the earliest still held is {available}"
+            if available is not None
+            else ("none of its events are still held")
+        )
+        super().__init__(
+            f"seq {wanted} of {request_id} is no longer in the log ({where}); "
+            "the retention window has passed it"
+        )
 
 
 class _Cursor:
@@ -56,10 +71,14 @@ async def _follow(
     if not held or held[0].seq > cursor.next_seq:
         before = held[0].seq if held else None
         async for event in log.events(request_id, from_seq=cursor.next_seq, before_seq=before):
+            if event.seq > cursor.next_seq:
+                raise StreamTruncated(request_id, cursor.next_seq, event.seq)
             if cursor.accept(event):
                 yield event
                 if cursor.done:
                     return
+        if before is not None and cursor.next_seq < before:
+            raise StreamTruncated(request_id, cursor.next_seq, before)
     for event in held:
         if cursor.accept(event):
             yield event
@@ -73,5 +92,7 @@ async def _follow(
             ):
                 if cursor.accept(missed):
                     yield missed
+            if cursor.next_seq < event.seq:
+                raise StreamTruncated(request_id, cursor.next_seq, event.seq)
         if cursor.accept(event):
             yield event

@@ -30,6 +30,7 @@ from .wire import (
     decode_event,
     decode_request,
     encode,
+    error_to_sse,
     event_to_sse,
 )
 
@@ -57,6 +58,7 @@ __all__ = [
     "decode_event",
     "decode_request",
     "encode",
+    "error_to_sse",
     "event_to_sse",
     "is_terminal",
     "message_key",

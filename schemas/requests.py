@@ -103,6 +103,9 @@ class GenerationRequest(PromptInput):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     submitted_at: AwareDatetime
     deadline: AwareDatetime | None = None
+    # Interactive use: a subscriber that goes away before the end cancels the request.
+    # Off by default, because an async job must survive its client going away.
+    cancel_on_disconnect: bool = False
     metadata: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")

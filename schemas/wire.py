@@ -8,6 +8,7 @@ strings by hand.
 
 from __future__ import annotations
 
+import json
 from typing import TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -60,6 +61,11 @@ def decode_event(value: bytes | None) -> StreamEvent:
 def event_to_sse(event: StreamEvent) -> ServerSentEvent:
     """A stream event as an SSE frame: `id` is the seq a client resumes after."""
     return ServerSentEvent(id=str(event.seq), event=event.type, data=event.model_dump_json())
+
+
+def error_to_sse(code: str, message: str) -> ServerSentEvent:
+    """A relay-level problem with a stream (not an event of the stream itself)."""
+    return ServerSentEvent(event="error", data=json.dumps({"code": code, "message": message}))
 
 
 def _summary(exc: ValidationError) -> str:

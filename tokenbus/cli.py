@@ -137,8 +137,14 @@ def _start_server(kafka: KafkaSettings, server: ServerSettings) -> tuple[asyncio
 
     from .server import create_app
 
-    if server.host not in {"127.0.0.1", "localhost", "::1"}:
-        log.warning("listening on %s: there is no authentication yet", server.host)
+    if not (server.api_keys or server.api_keys_file):
+        if server.host not in {"127.0.0.1", "localhost", "::1"}:
+            raise SystemExit(
+                f"tokenbus: no API keys are configured, so it will not listen on {server.host}. "
+                "Set TOKENBUS_API_KEYS='{\"<key>\": \"<tenant>\"}' (or TOKENBUS_API_KEYS_FILE), "
+                "or listen on 127.0.0.1."
+            )
+        log.warning("no API keys configured: one anonymous tenant, listening on loopback only")
     app = create_app(kafka=kafka, settings=server)
     uv = uvicorn.Server(
         uvicorn.Config(app, host=server.host, port=server.port, log_level="warning")

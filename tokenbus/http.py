@@ -3,10 +3,14 @@ message that says what to do."""
 
 from __future__ import annotations
 
+import uuid
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+
+from schemas.ids import is_uuid7
 
 
 class ApiError(Exception):
@@ -16,6 +20,20 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers
+
+
+def parse_request_id(raw: str) -> uuid.UUID:
+    try:
+        request_id = uuid.UUID(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_request_id", f"{raw!r} is not a request id (a UUID)") from None
+    if not is_uuid7(request_id):
+        raise ApiError(400, "invalid_request_id", f"{raw} is not a tokenbus request id (UUIDv7)")
+    return request_id
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 def error_response(

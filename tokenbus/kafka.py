@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
@@ -57,3 +57,17 @@ async def ensure_topics(kafka: KafkaSettings) -> None:
     finally:
         await admin.close()
     log.info("topics ready: %s (%d partitions)", ", ".join(wanted), kafka.partitions)
+
+
+async def at_end(consumer: AIOKafkaConsumer, *partitions: TopicPartition) -> bool:
+    """Whether the consumer has read everything in these partitions so far.
+
+    Uses the high-watermark from fetch responses, not ListOffsets(LATEST): Tansu
+    answers the latter with the last batch's base offset + 1, short of the end
+    after a multi-record batch.
+    """
+    for tp in partitions:
+        highwater = consumer.highwater(tp)
+        if highwater is None or await consumer.position(tp) < highwater:
+            return False
+    return True

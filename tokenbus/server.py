@@ -21,11 +21,13 @@ from prometheus_client.registry import Collector
 
 from producers.api import router as submit_router
 from producers.submitter import Submitter
+from relay.directory import RequestDirectory
 from relay.hub import StreamHub
 from relay.log import LogReader
 from relay.routes import router as relay_router
 
 from . import __version__
+from .access import Access
 from .http import error_response, install_error_handlers
 from .settings import KafkaSettings, ServerSettings
 
@@ -33,10 +35,14 @@ log = logging.getLogger(__name__)
 
 
 def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
+    access = Access(settings)  # reads the keys file now: a bad one fails at start
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         submitter = Submitter(kafka)
         hub = StreamHub(kafka=kafka, settings=settings)
+        log_reader = LogReader(kafka=kafka, settings=settings)
+        background: set[asyncio.Task[None]] = set()
         registry = CollectorRegistry()
         registry.register(_RelayCollector(hub))
         hub_task = asyncio.create_task(_keep_running("relay hub", hub.run), name="relay-hub")
@@ -44,7 +50,10 @@ def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
             yield {
                 "submitter": submitter,
                 "hub": hub,
-                "log": LogReader(kafka=kafka, settings=settings),
+                "log": log_reader,
+                "directory": RequestDirectory(log_reader, access),
+                "access": access,
+                "background": background,
                 "server_settings": settings,
                 "registry": registry,
             }
@@ -52,6 +61,7 @@ def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
             hub_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await hub_task
+            await asyncio.gather(*background, return_exceptions=True)
             await submitter.close()
 
     app = FastAPI(title="tokenbus", version=__version__, lifespan=lifespan)

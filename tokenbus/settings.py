@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import Topics
@@ -66,6 +66,17 @@ class ServerSettings(_Settings):
     # before a request id's timestamp when locating its events in the log.
     clock_skew_ms: int = Field(default=30_000, ge=0)
     log_read_timeout_s: float = Field(default=15.0, gt=0)
+
+    # Access. No keys (the embedded default): one anonymous tenant, loopback only.
+    api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant (JSON)")
+    api_keys_file: Path | None = Field(default=None, description="JSON object: API key -> tenant")
+    stream_token_secret: SecretStr | None = Field(
+        default=None, description="HMAC key for stream tokens; share it between relays"
+    )
+    stream_token_ttl_s: int = Field(default=3600, ge=1)
+    tenant_requests_per_minute: int = Field(default=600, ge=1)
+    tenant_max_streams: int = Field(default=256, ge=1, description="open SSE streams per tenant")
+    max_connections_per_client: int = Field(default=64, ge=1, description="open streams per IP")
 
 
 def _default_worker_id() -> str:

@@ -2,6 +2,7 @@
 
 Two tasks share one consumer in the ``tokenbus-workers`` group:
 
+    cancels      every Cancel on tokenbus.control (see control.py)
     fetch loop   getmany() on tokenbus.requests -> decode -> bounded queue
                  (partitions paused while the queue is full, so polling never
                  stops and a long generation never triggers a rebalance)
@@ -37,6 +38,7 @@ from schemas.requests import ANY_MODEL
 from tokenbus.kafka import new_consumer, new_producer
 from tokenbus.settings import KafkaSettings, WorkerSettings
 
+from .control import CancelWatcher
 from .engine import GenerationEngine, PromptError
 from .models import LoadedModel
 from .offsets import OffsetTracker
@@ -64,6 +66,7 @@ class Worker:
         self._names = {model.name, ANY_MODEL}
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._offsets = OffsetTracker()
+        self._cancels = CancelWatcher(kafka)
         self._revoked: set[TopicPartition] = set()
         self.ready = asyncio.Event()  # set once the consumer has its partitions
         self._consumer: AIOKafkaConsumer | None = None
@@ -92,6 +95,7 @@ class Worker:
                 "worker %s serving %s on %s", self.worker_id, self._model.name, topics.requests
             )
             async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._cancels.run())
                 tasks.create_task(self._fetch_loop(self._consumer))
                 tasks.create_task(self._serve_loop(self._consumer, self._producer))
         finally:
@@ -110,7 +114,7 @@ class Worker:
             else:
                 consumer.resume(*assigned)
             batches = await consumer.getmany(timeout_ms=200, max_records=max(room, 1))
-            if assigned:
+            if assigned and self._cancels.caught_up.is_set():
                 self.ready.set()
             for tp, records in batches.items():
                 for record in records:
@@ -143,6 +147,7 @@ class Worker:
     # -- serving ----------------------------------------------------------------
 
     async def _serve_loop(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
+        await self._cancels.caught_up.wait()  # know every earlier cancel before serving
         while True:
             job = await self._queue.get()
             if job.tp in self._revoked:
@@ -163,12 +168,11 @@ class Worker:
                 f"this worker group serves {self._model.name!r}, not {request.model!r}",
             )
             return
+        if self._cancels.cancelled(request.request_id):
+            await _finish_unstarted(stream, FinishReason.CANCELLED)
+            return
         if request.expired(now):
-            await stream.finished(
-                FinishReason.EXPIRED,
-                Usage(prompt_tokens=0, completion_tokens=0),
-                Timings(ttft_ms=None, total_ms=0.0),
-            )
+            await _finish_unstarted(stream, FinishReason.EXPIRED)
             return
         try:
             prompt_ids = self._engine.prompt_ids(request)
@@ -203,7 +207,9 @@ class Worker:
         )
         ttft_ms: float | None = None
         completion = 0
-        async for step in self._engine.generate(request, prompt_ids):
+        rid = request.request_id
+        should_stop = lambda: self._cancels.cancelled(rid) is not None  # noqa: E731
+        async for step in self._engine.generate(request, prompt_ids, should_stop=should_stop):
             if step.token_ids or step.text:
                 if ttft_ms is None and step.token_ids:
                     ttft_ms = (time.perf_counter() - picked_up) * 1000
@@ -242,6 +248,13 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._worker._assigned(set(assigned))
+
+
+async def _finish_unstarted(stream: EventStream, reason: FinishReason) -> None:
+    """End a request that is not to be generated at all (cancelled, expired)."""
+    await stream.finished(
+        reason, Usage(prompt_tokens=0, completion_tokens=0), Timings(ttft_ms=None, total_ms=0.0)
+    )
 
 
 def _request_id_from_key(key: bytes | None) -> uuid.UUID | None:

@@ -1,0 +1,160 @@
+"""Tenants: API keys name them; a stream is readable only by its tenant, live or
+replayed, from any relay; stream tokens for EventSource; limits answer 429."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+
+from schemas import decode_event
+from tokenbus.settings import KafkaSettings
+from workers import LoadedModel
+
+from .conftest import assert_complete, eventually, serving, working
+
+KEYS = {"key-acme": "acme", "key-globex": "globex"}
+SECRET = "test-stream-token-secret"
+CHAT = [{"role": "user", "content": "Say hi."}]
+ACME = {"Authorization": "Bearer key-acme"}
+GLOBEX = {"Authorization": "Bearer key-globex"}
+
+
+def relay(kafka: KafkaSettings, **overrides: object):  # type: ignore[no-untyped-def]
+    return serving(kafka, api_keys=KEYS, stream_token_secret=SECRET, **overrides)
+
+
+@pytest.fixture
+async def http(kafka: KafkaSettings, smollm: LoadedModel) -> AsyncIterator[httpx.AsyncClient]:
+    async with relay(kafka) as (_, client), working(kafka, smollm):
+        yield client
+
+
+async def events_of(http: httpx.AsyncClient, url: str, **kwargs: object) -> list[object]:
+    events = []
+    async with aconnect_sse(http, "GET", url, **kwargs) as source:  # type: ignore[arg-type]
+        source.response.raise_for_status()
+        async for message in source.aiter_sse():
+            if message.data:
+                events.append(decode_event(message.data.encode()))
+    return events
+
+
+async def submit(http: httpx.AsyncClient, headers: dict[str, str]) -> dict[str, str]:
+    resp = await http.post(
+        "/v1/requests", json={"messages": CHAT, "max_tokens": 4}, headers=headers
+    )
+    assert resp.status_code == 202, resp.text
+    return resp.json()  # type: ignore[no-any-return]
+
+
+async def test_without_a_key_nothing_is_accepted(http: httpx.AsyncClient) -> None:
+    resp = await http.post("/v1/requests", json={"messages": CHAT})
+    assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
+    bad = await http.post(
+        "/v1/requests", json={"messages": CHAT}, headers={"Authorization": "Bearer x"}
+    )
+    assert bad.status_code == 401
+
+
+async def test_another_tenant_cannot_read_a_stream_live_or_replayed(
+    http: httpx.AsyncClient, kafka: KafkaSettings
+) -> None:
+    submitted = await submit(http, ACME)
+    url = submitted["events_url"]
+    live = await http.get(url, headers=GLOBEX)  # while it is queued or streaming
+    assert live.status_code == 404
+    assert submitted["request_id"] not in live.text or "no request" in live.text
+
+    events = await events_of(http, url, headers=ACME)
+    assert_complete(events)  # type: ignore[arg-type]
+    assert (await http.get(url, headers=GLOBEX)).status_code == 404
+    assert (
+        await http.delete(f"/v1/requests/{submitted['request_id']}", headers=GLOBEX)
+    ).status_code == 404
+
+    # A relay that never saw the submission learns the owner from the log.
+    async with relay(kafka) as (_, fresh):
+        assert (await fresh.get(url, headers=GLOBEX)).status_code == 404
+        assert await events_of(fresh, url, headers=ACME) == events
+
+
+async def test_stream_token_lets_eventsource_read_without_headers(http: httpx.AsyncClient) -> None:
+    submitted = await submit(http, ACME)
+    events = await events_of(
+        http, submitted["events_url"], params={"token": submitted["stream_token"]}
+    )
+    assert_complete(events)  # type: ignore[arg-type]
+
+
+def forge(request_id: str, tenant: str, expires: int, secret: str = SECRET) -> str:
+    payload = f"{request_id}.{tenant}.{expires}"
+    digest = hmac.new(secret.encode(), payload.encode(), hashlib.sha256).digest()
+    return f"{payload}.{base64.urlsafe_b64encode(digest).rstrip(b'=').decode()}"
+
+
+async def test_forged_expired_or_foreign_stream_tokens_are_refused(http: httpx.AsyncClient) -> None:
+    acme = await submit(http, ACME)
+    globex = await submit(http, GLOBEX)
+    url = acme["events_url"]
+    future = int(time.time()) + 600
+    cases = {
+        "wrong secret": forge(acme["request_id"], "acme", future, secret="guessed"),
+        "tampered tenant": acme["stream_token"].replace(".acme.", ".globex."),
+        "other request's token": globex["stream_token"],
+        "expired": forge(acme["request_id"], "acme", int(time.time()) - 1),
+        "garbage": "not-a-token",
+    }
+    for name, token in cases.items():
+        resp = await http.get(url, params={"token": token})
+        assert resp.status_code == 403, name
+        assert resp.json()["error"]["code"] in {"invalid_stream_token", "expired_stream_token"}
+    expired = await http.get(url, params={"token": cases["expired"]})
+    assert expired.json()["error"]["code"] == "expired_stream_token"
+
+
+async def test_tenant_request_rate_limit_answers_429_with_retry_after(kafka: KafkaSettings) -> None:
+    async with relay(kafka, tenant_requests_per_minute=2) as (_, http):
+        for _ in range(2):
+            assert (
+                await http.post("/v1/requests", json={"messages": CHAT}, headers=ACME)
+            ).status_code == 202
+        limited = await http.post("/v1/requests", json={"messages": CHAT}, headers=ACME)
+        assert limited.status_code == 429
+        assert int(limited.headers["retry-after"]) >= 1
+        other = await http.post("/v1/requests", json={"messages": CHAT}, headers=GLOBEX)
+        assert other.status_code == 202  # limits are per tenant
+
+
+async def test_concurrent_stream_limit_answers_429(kafka: KafkaSettings) -> None:
+    async with relay(kafka, tenant_max_streams=1) as (_, http):
+        submitted = await submit(http, ACME)
+        url = submitted["events_url"]
+        async with http.stream("GET", url, headers=ACME) as first:  # no worker: it waits
+            assert first.status_code == 200
+            second = await http.get(url, headers=ACME)
+            assert second.status_code == 429 and second.headers["retry-after"]
+
+        async def released() -> bool:  # once the server has seen the first one hang up
+            async with http.stream("GET", url, headers=ACME) as again:
+                return again.status_code == 200
+
+        await eventually(released)
+
+
+def test_without_keys_the_server_refuses_to_listen_beyond_loopback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenbus", "serve", "--host", "0.0.0.0", "--port", "1"],
+        capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"},
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "no API keys are configured" in result.stderr
