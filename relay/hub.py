@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas import MalformedMessage, StreamEvent, decode_event
+from schemas import MalformedMessage, StartedEvent, StreamEvent, decode_event
 from tokenbus.kafka import new_consumer
 from tokenbus.settings import KafkaSettings, ServerSettings
 
@@ -80,6 +80,7 @@ class StreamHub:
         self._streams: OrderedDict[uuid.UUID, _Stream] = OrderedDict()
         self._consumer: AIOKafkaConsumer | None = None
         self.ready = asyncio.Event()
+        self.models_seen: set[str] = set()  # for GET /v1/models
         self.events_read = 0
         self.malformed = 0
 
@@ -137,6 +138,8 @@ class StreamHub:
             log.warning("skipping malformed event at %s[%d]@%d: %s", topic, partition, offset, exc)
             return
         self.events_read += 1
+        if isinstance(event, StartedEvent):
+            self.models_seen.add(event.model)
         stream = self._streams.get(event.request_id)
         if stream is None:
             stream = self._streams[event.request_id] = _Stream()

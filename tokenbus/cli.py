@@ -141,7 +141,7 @@ def _start_server(kafka: KafkaSettings, server: ServerSettings) -> tuple[asyncio
         if server.host not in {"127.0.0.1", "localhost", "::1"}:
             raise SystemExit(
                 f"tokenbus: no API keys are configured, so it will not listen on {server.host}. "
-                "Set TOKENBUS_API_KEYS='{\"<key>\": \"<tenant>\"}' (or TOKENBUS_API_KEYS_FILE), "
+                'Set TOKENBUS_API_KEYS=\'{"<key>": "<tenant>"}\' (or TOKENBUS_API_KEYS_FILE), '
                 "or listen on 127.0.0.1."
             )
         log.warning("no API keys configured: one anonymous tenant, listening on loopback only")

@@ -1,5 +1,9 @@
-"""HTTP errors in one shape: ``{"error": {"code": ..., "message": ...}}``, with a
-message that says what to do."""
+"""HTTP errors in one shape, with a message that says what to do:
+
+    {"error": {"code": "...", "message": "...", "type": "...", "param": null}}
+
+``type`` and ``param`` are there so that OpenAI clients read the same errors.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,21 @@ from schemas.ids import is_uuid7
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        *,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers
+        self.param = param
 
 
 def parse_request_id(raw: str) -> uuid.UUID:
@@ -37,17 +50,30 @@ def client_address(request: Request) -> str:
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    param: str | None = None,
 ) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
-    )
+    error = {"code": code, "message": message, "type": _error_type(status), "param": param}
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+def _error_type(status: int) -> str:
+    return {
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        429: "rate_limit_error",
+    }.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
 def install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return error_response(exc.status, exc.code, exc.message, exc.headers, param=exc.param)
 
     async def invalid_body(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

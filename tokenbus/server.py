@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from producers.api import router as submit_router
+from producers.openai_api import router as openai_router
 from producers.submitter import Submitter
 from relay.directory import RequestDirectory
 from relay.hub import StreamHub
@@ -67,6 +68,7 @@ def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="tokenbus", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(submit_router)
+    app.include_router(openai_router)
     app.include_router(relay_router)
 
     @app.get("/healthz")

@@ -1,0 +1,319 @@
+"""OpenAI-compatible endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``
+(streaming and not) and ``GET /v1/models``, so the ``openai`` SDK and curl scripts
+work unchanged.
+
+These requests travel through the bus like any other: each gets a request id
+(returned in the ``X-Request-Id`` header and as ``id``), is produced to
+``tokenbus.requests``, and is read back through the relay, so it is in the log and
+can be replayed at ``/v1/requests/{id}/events``. This module is the one place
+that knows OpenAI's wire shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from relay.subscription import subscribe
+from schemas import (
+    ErrorCode,
+    FailedEvent,
+    FinishedEvent,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    StartedEvent,
+    StreamEvent,
+    TokenEvent,
+    uuid7,
+)
+from schemas.requests import ANY_MODEL, ChatMessage
+from tokenbus.access import Caller
+from tokenbus.http import ApiError
+
+from .api import accept, caller
+
+router = APIRouter()
+
+# Parameters of the OpenAI API that tokenbus does not implement: refused with a
+# reason rather than silently ignored.
+_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logit_bias",
+                "response_format", "logprobs", "top_logprobs", "suffix", "audio", "modalities",
+                "prediction", "best_of")  # fmt: skip
+_FINISH_REASONS = {
+    FinishReason.STOP: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.CANCELLED: "stop",  # OpenAI has no word for it; the event log keeps the truth
+    FinishReason.EXPIRED: "stop",
+}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _OpenAIBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = ANY_MODEL
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # an extension, as in vLLM
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    cancel_on_disconnect: bool = False  # an extension
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        given: dict[str, Any] = {
+            "max_tokens": self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
+        }
+        return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+    def check_supported(self) -> None:
+        extra = self.model_extra or {}
+        for name in _UNSUPPORTED:
+            if extra.get(name) not in (None, False, [], {}, {"type": "text"}):
+                raise _invalid(f"'{name}' is not supported by tokenbus", param=name)
+        if self.n != 1:
+            raise _invalid("only n=1 is supported", param="n")
+
+
+class _ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class _ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[_ContentPart]
+
+    def plain(self) -> ChatMessage:
+        text = (
+            self.content
+            if isinstance(self.content, str)
+            else "".join(part.text for part in self.content)
+        )
+        return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
+
+
+class ChatCompletionBody(_OpenAIBody):
+    messages: list[_ChatMessage] = Field(min_length=1)
+
+
+class CompletionBody(_OpenAIBody):
+    prompt: str | list[str]
+    echo: bool = False
+
+    def text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise _invalid("exactly one prompt is supported", param="prompt")
+        return self.prompt[0]
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(
+    request: Request,
+    caller: Annotated[Caller, Depends(caller)],
+    raw: Annotated[dict[str, Any], Body()],
+) -> JSONResponse | EventSourceResponse:
+    body = _parse(ChatCompletionBody, raw)
+    messages = [m.plain() for m in body.messages]
+    return await _complete(request, caller, body, "chat", messages=messages, prompt=None)
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(
+    request: Request,
+    caller: Annotated[Caller, Depends(caller)],
+    raw: Annotated[dict[str, Any], Body()],
+) -> JSONResponse | EventSourceResponse:
+    body = _parse(CompletionBody, raw)
+    if body.echo:
+        raise _invalid("echo is not supported", param="echo")
+    return await _complete(request, caller, body, "text", messages=None, prompt=body.text())
+
+
+@router.get("/v1/models")
+async def models(request: Request, caller: Annotated[Caller, Depends(caller)]) -> dict[str, Any]:
+    names = [ANY_MODEL, *sorted(request.state.hub.models_seen)]
+    return {
+        "object": "list",
+        "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tokenbus"} for n in names],
+    }
+
+
+async def _complete(
+    request: Request,
+    caller: Caller,
+    body: _OpenAIBody,
+    kind: Literal["chat", "text"],
+    *,
+    messages: list[ChatMessage] | None,
+    prompt: str | None,
+) -> JSONResponse | EventSourceResponse:
+    body.check_supported()
+    try:
+        generation = GenerationRequest(
+            request_id=uuid7(),
+            tenant=caller.tenant,
+            model=body.model,
+            messages=messages,
+            prompt=prompt,
+            sampling=body.sampling(default_max_tokens=256 if kind == "chat" else 16),
+            submitted_at=_now(),
+            cancel_on_disconnect=body.cancel_on_disconnect,
+            metadata={"api": f"openai.{kind}"} | ({"user": body.user[:512]} if body.user else {}),
+        )
+    except ValidationError as exc:
+        raise _invalid(_first_error(exc)) from None
+    await accept(request, caller, generation)
+    events = subscribe(request.state.hub, request.state.log, generation.request_id)
+    headers = {"X-Request-Id": str(generation.request_id)}
+    shape = _Shape(kind, generation.request_id, body.model)
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return EventSourceResponse(
+            _chunks(events, shape, include_usage=usage),
+            headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            ping=request.state.server_settings.keepalive_s,
+        )
+    return await _whole(events, shape, headers)
+
+
+class _Shape:
+    """OpenAI's response and chunk shapes for one request."""
+
+    def __init__(self, kind: Literal["chat", "text"], request_id: uuid.UUID, model: str) -> None:
+        self.kind = kind
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id.hex}"
+        self.created = int(time.time())
+        self.model = model
+
+    def envelope(self, *, chunk: bool) -> dict[str, Any]:
+        if self.kind == "chat":
+            obj = "chat.completion.chunk" if chunk else "chat.completion"
+        else:
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def choice(
+        self, text: str | None, finish: str | None, *, chunk: bool, first: bool = False
+    ) -> dict[str, Any]:
+        if self.kind == "text":
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        if chunk:
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if text is not None:
+                delta["content"] = text
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        message = {"role": "assistant", "content": text or ""}
+        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+
+
+def _usage(finished: FinishedEvent) -> dict[str, int]:
+    u = finished.usage
+    total = u.prompt_tokens + u.completion_tokens
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": total}  # fmt: skip
+
+
+async def _chunks(
+    events: AsyncIterator[StreamEvent], shape: _Shape, *, include_usage: bool
+) -> AsyncIterator[ServerSentEvent]:
+    first = True
+    extra = {"usage": None} if include_usage else {}
+    async for event in events:
+        if isinstance(event, StartedEvent):
+            shape.model = event.model
+            chunk = shape.envelope(chunk=True) | extra
+            yield _data(chunk | {"choices": [shape.choice("", None, chunk=True, first=True)]})
+            first = False
+        elif isinstance(event, TokenEvent) and event.text:
+            choice = shape.choice(event.text, None, chunk=True, first=first)
+            yield _data(shape.envelope(chunk=True) | extra | {"choices": [choice]})
+            first = False
+        elif isinstance(event, FinishedEvent):
+            reason = _FINISH_REASONS[event.finish_reason]
+            choice = shape.choice(None, reason, chunk=True, first=first)
+            yield _data(shape.envelope(chunk=True) | extra | {"choices": [choice]})
+            if include_usage:
+                yield _data(shape.envelope(chunk=True) | {"choices": [], "usage": _usage(event)})
+        elif isinstance(event, FailedEvent):
+            yield _data({"error": _error_body(event)[1]})
+    yield ServerSentEvent(data="[DONE]")
+
+
+async def _whole(
+    events: AsyncIterator[StreamEvent], shape: _Shape, headers: dict[str, str]
+) -> JSONResponse:
+    text = []
+    async for event in events:
+        if isinstance(event, StartedEvent):
+            shape.model = event.model
+        elif isinstance(event, TokenEvent):
+            text.append(event.text)
+        elif isinstance(event, FinishedEvent):
+            choice = shape.choice("".join(text), _FINISH_REASONS[event.finish_reason], chunk=False)
+            body = shape.envelope(chunk=False) | {"choices": [choice], "usage": _usage(event)}
+            return JSONResponse(body, headers=headers)
+        elif isinstance(event, FailedEvent):
+            status, error = _error_body(event)
+            return JSONResponse({"error": error}, status_code=status, headers=headers)
+    raise ApiError(500, "internal_error", "the stream ended without a terminal event")
+
+
+def _error_body(failed: FailedEvent) -> tuple[int, dict[str, Any]]:
+    status, kind, code = {
+        ErrorCode.UNKNOWN_MODEL: (404, "invalid_request_error", "model_not_found"),
+        ErrorCode.INVALID_REQUEST: (400, "invalid_request_error", "invalid_request"),
+        ErrorCode.PROMPT_TOO_LONG: (400, "invalid_request_error", "context_length_exceeded"),
+        ErrorCode.INTERNAL_ERROR: (500, "server_error", "internal_error"),
+    }[failed.code]
+    return status, {"message": failed.message, "type": kind, "param": None, "code": code}
+
+
+def _data(payload: dict[str, Any]) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(payload, separators=(",", ":")))
+
+
+def _parse(model: type[_OpenAIBody], raw: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise _invalid(_first_error(exc)) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(p) for p in error["loc"])
+    return f"{where}: {error['msg']}" if where else str(error["msg"])
+
+
+def _invalid(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, "invalid_request", message, param=param)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
