@@ -34,6 +34,16 @@ class TokenbusError(Exception):
         self.message = message
 
 
+class StreamTruncated(Exception):
+    """The relay could not serve the stream from where it was asked (the log's
+    retention window passed it); the server's ``code`` and ``message`` say more."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
 @dataclass(frozen=True, slots=True)
 class Submission:
     request_id: uuid.UUID
@@ -74,22 +84,32 @@ class TokenbusClient:
         return Submission(uuid.UUID(data["request_id"]), data["events_url"])
 
     async def stream(
-        self, request_id: uuid.UUID | str, *, after: int = -1
+        self, request_id: uuid.UUID | str, *, after: int = -1, pace: str = "fast"
     ) -> AsyncIterator[StreamEvent]:
-        """Events after seq ``after``, reconnecting where the last one left off."""
+        """Events after seq ``after``, reconnecting where the last one left off.
+        ``pace="original"`` replays a finished stream with its recorded timing.
+
+        Raises `StreamTruncated` if the log no longer holds the events asked for.
+        """
         last = after
         failures = 0
         url = f"/v1/requests/{request_id}/events"
+        params = {"pace": pace} if pace != "fast" else {}
         while True:
             headers = {"Last-Event-ID": str(last)} if last >= 0 else {}
             try:
-                async with aconnect_sse(self._http, "GET", url, headers=headers) as source:
+                async with aconnect_sse(
+                    self._http, "GET", url, headers=headers, params=params
+                ) as source:
                     if source.response.is_error:
                         await source.response.aread()
                         _raise_for_error(source.response)
                     async for message in source.aiter_sse():
                         if not message.data:
                             continue  # a keep-alive comment
+                        if message.event == "error":
+                            error = message.json()
+                            raise StreamTruncated(error["code"], error["message"])
                         event = decode_event(message.data.encode())
                         if event.seq <= last:
                             continue

@@ -224,22 +224,25 @@ def _stream(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    return asyncio.run(_stream_async(args, after=-1))
+    return asyncio.run(_stream_async(args, after=-1, pace=args.pace))
 
 
-async def _stream_async(args: argparse.Namespace, *, after: int) -> int:
+async def _stream_async(args: argparse.Namespace, *, after: int, pace: str = "fast") -> int:
     from producers import TokenbusClient
 
     async with TokenbusClient(ClientSettings(**_given(url=args.url)).url) as client:
-        return await _print_stream(client, args.request_id, after=after, as_json=args.json)
+        return await _print_stream(client, args.request_id, after=after, as_json=args.json,
+                                   pace=pace)  # fmt: skip
 
 
-async def _print_stream(client: Any, request_id: str, *, after: int, as_json: bool = False) -> int:
+async def _print_stream(
+    client: Any, request_id: str, *, after: int, as_json: bool = False, pace: str = "fast"
+) -> int:
     """Print the text as it arrives (or every event as a JSON line); 1 if it failed."""
     from schemas import FailedEvent, FinishedEvent, TokenEvent
 
     status = 0
-    async for event in client.stream(request_id, after=after):
+    async for event in client.stream(request_id, after=after, pace=pace):
         if as_json:
             print(event.model_dump_json(), flush=True)
         elif isinstance(event, TokenEvent):
@@ -304,6 +307,10 @@ def _parser() -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", help="replay a finished stream")
     replay.add_argument("request_id")
     replay.add_argument("--json", action="store_true", help="every event as a JSON line")
+    replay.add_argument(
+        "--pace", choices=["fast", "original"], default="fast",
+        help="original: with the recorded timing between events",
+    )  # fmt: skip
     _url_flag(replay)
     replay.set_defaults(run=_replay)
     return parser
