@@ -41,13 +41,16 @@ class Listener:
         self._queue: asyncio.Queue[StreamEvent] = asyncio.Queue(capacity)
         self.overflowed = False
 
-    def offer(self, event: StreamEvent) -> None:
+    def offer(self, event: StreamEvent) -> bool:
+        """Queue an event without ever waiting; False when this one overflowed it."""
         if self.overflowed:
-            return
+            return True
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
             self.overflowed = True
+            return False
+        return True
 
     async def next(self) -> StreamEvent:
         if self._queue.empty() and self.overflowed:
@@ -83,6 +86,7 @@ class StreamHub:
         self.models_seen: set[str] = set()  # for GET /v1/models
         self.events_read = 0
         self.malformed = 0
+        self.overflows = 0  # subscribers that fell behind and went back to the log
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -149,7 +153,8 @@ class StreamHub:
         if not stream.append(event):
             return
         for listener in stream.listeners:
-            listener.offer(event)
+            if not listener.offer(event):
+                self.overflows += 1
 
     def _evict(self) -> None:
         """Forget the least recently active streams nobody is listening to."""

@@ -124,6 +124,11 @@ class _RelayCollector(Collector):
             "Undecodable events skipped",
             value=self._hub.malformed,
         )
+        yield CounterMetricFamily(
+            "tokenbus_relay_subscriber_overflows",
+            "Subscribers that fell behind the live stream and caught up from the log",
+            value=self._hub.overflows,
+        )
         yield GaugeMetricFamily(
             "tokenbus_relay_subscribers", "Open SSE subscriptions", value=self._hub.subscribers
         )
