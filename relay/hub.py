@@ -112,6 +112,7 @@ class StreamHub:
             yield listener
         finally:
             stream.listeners.discard(listener)
+            self._evict()
 
     async def run(self) -> None:
         """Read tokenbus.tokens until cancelled."""

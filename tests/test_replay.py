@@ -112,3 +112,20 @@ async def test_resuming_before_what_the_log_holds_is_an_explicit_error(
                 await collect(client, request.request_id)
             tail = await collect(client, request.request_id, after=5)  # what is held still works
         assert [e.seq for e in tail] == [6, 7, 8]
+
+
+async def test_relay_memory_is_bounded_and_evicted_streams_come_from_the_log(
+    kafka: KafkaSettings,
+) -> None:
+    from .test_fanout import metric, publish_stream, submit_only
+
+    async with serving(kafka, relay_max_streams=2) as (url, http), TokenbusClient(url) as client:
+        requests = [await submit_only(kafka) for _ in range(4)]
+        for request in requests:
+            await publish_stream(kafka, request)
+        for request in requests:  # each one read to the end: all four passed through the hub
+            assert_complete(await collect(client, request.request_id))
+        assert await metric(http, "tokenbus_relay_streams_held") <= 2
+        oldest = await collect(client, requests[0].request_id)  # evicted: from the log
+    assert_complete(oldest)
+    assert oldest[-1].seq == 301

@@ -1,0 +1,888 @@
+"""The SSE relay under load: delivery latency against a plain Kafka hop, fan-out
+throughput, and replay of a finished stream.
+
+    .venv/bin/python benchmarks/relay.py            # full sizes (a few minutes)
+    .venv/bin/python benchmarks/relay.py --quick    # small counts, a smoke run
+
+One embedded broker (Tansu) on a free port; each scenario gets fresh topics and
+its own relay, a `tokenbus serve` process. Streams are published by the real
+`EventStream` publisher from this process (no worker, no model); SSE clients run
+in spawned processes, so the relay, the publisher and the clients never share a
+GIL. Latency is taken at receipt as ``now - event.ts`` (``ts`` is the publish time
+the publisher stamps), over every event after ``started``.
+
+1. latency: 1, 64 and 512 concurrent streams paced like decoding (20 events/s
+   each), relay path (publish -> broker -> relay -> SSE client) next to a plain
+   aiokafka produce -> consume hop on a separate topic of the same broker, with the
+   same load and the consumer settings the relay's hub uses.
+2. fan-out, published as fast as possible: 1,000 subscribers of one stream, and
+   1,000 streams with one subscriber each. Events/s delivered = SSE events received
+   by all clients / (last terminal event received - first token published).
+3. replay of a finished 1,000-token stream: time to last byte for a client that
+   connects afterwards, from a relay that holds the stream in memory and from a
+   fresh relay that reads it back from the log.
+
+CPU use of the relay, the clients and this process is recorded for each run, to
+say which side limited a figure. Writes benchmarks/results/relay.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import queue
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from array import array
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+
+import httpx
+from aiokafka import AIOKafkaProducer, TopicPartition
+from httpx_sse import EventSource, aconnect_sse
+
+from schemas import (
+    FinishReason,
+    GenerationRequest,
+    Timings,
+    Usage,
+    encode,
+    message_key,
+    uuid7,
+)
+from tokenbus.broker import EmbeddedBroker
+from tokenbus.kafka import ensure_topics, new_consumer, new_producer
+from tokenbus.settings import KafkaSettings, kafka_env
+
+if TYPE_CHECKING:
+    from workers.publisher import EventStream
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results" / "relay.json"
+
+# Limits lifted so one client address may hold every stream of a run.
+RELAY_ENV = {
+    "TOKENBUS_TENANT_MAX_STREAMS": "100000",
+    "TOKENBUS_MAX_CONNECTIONS_PER_CLIENT": "100000",
+    "TOKENBUS_TENANT_REQUESTS_PER_MINUTE": "1000000",
+    "TOKENBUS_SUBSCRIBER_BUFFER": "4096",
+    "TOKENBUS_LOG_LEVEL": "WARNING",
+}
+HUB_FETCH_MAX_WAIT_MS = 100  # what relay/hub.py reads with; the plain hop uses the same
+TERMINAL = frozenset({"finished", "failed"})
+TOKEN_TEXT = " tok"  # about one BPE token of text per event
+RELAY_START_WITHIN_S = 60.0
+STEP_WITHIN_S = 300.0  # any one step of a run (subscribing, delivering) ends within this
+POLL_S = 0.02
+CONNECTING_AT_ONCE = 32  # per client process: connections being opened concurrently
+SATURATED_PCT = 85.0  # a process at this share of one core is the limit
+
+
+# -- sizes ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    concurrency: tuple[int, ...] = (1, 64, 512)
+    latency_tokens: int = 200  # per stream: 10 s at 20 events/s
+    rate: float = 20.0  # events/s per stream in the latency runs
+    fanout: int = 1000  # subscribers of one stream; streams with one subscriber each
+    fanout_tokens: int = 200
+    replay_tokens: int = 1000
+    replay_repeats: int = 5
+    client_procs: int = 2
+
+
+QUICK = Sizes(concurrency=(1, 8), latency_tokens=20, fanout=20, fanout_tokens=50, replay_repeats=3)
+
+
+@dataclass(frozen=True)
+class Load:
+    streams: int
+    subscribers_per_stream: int
+    tokens: int  # token events per stream, between `started` and `finished`
+    rate: float | None  # events/s per stream; None: as fast as possible
+
+
+# -- small helpers --------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def latency_summary(values: Sequence[float]) -> dict[str, float | int]:
+    if not values:
+        return {"samples": 0}
+    return {
+        "samples": len(values),
+        "p50_ms": round(percentile(values, 50), 2),
+        "p99_ms": round(percentile(values, 99), 2),
+        "max_ms": round(max(values), 2),
+    }
+
+
+def split(items: Sequence[str], parts: int) -> list[list[str]]:
+    """Round-robin ``items`` over at most ``parts`` non-empty lists."""
+    return [list(items[i::parts]) for i in range(min(parts, len(items)))]
+
+
+async def until(check: Callable[[], Awaitable[bool]], *, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {within:.0f}s")
+        await asyncio.sleep(POLL_S)  # re-check; bounded by the deadline
+
+
+# -- CPU accounting -------------------------------------------------------------
+
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(stat[11]) + int(stat[12])) * _TICK_S  # utime, stime
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies over all cores, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def broker_pid() -> int | None:
+    """The embedded broker: the child of this process that runs tansu."""
+    me = os.getpid()
+    for pid in Path(f"/proc/{me}/task/{me}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            if b"tansu" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+    return None
+
+
+@dataclass(frozen=True)
+class CpuMark:
+    wall: float
+    cpu_s: dict[str, float]  # process name -> CPU seconds so far
+    busy: int
+    total: int
+
+    @classmethod
+    def now(cls, pids: Mapping[str, int]) -> CpuMark:
+        busy, total = machine_jiffies()
+        cpu_s = {name: process_cpu_s(pid) for name, pid in pids.items()}
+        cpu_s["publisher"] = time.process_time()  # this process
+        return cls(time.monotonic(), cpu_s, busy, total)
+
+
+def cpu_usage(start: CpuMark, end: CpuMark, clients_cpu_s: Sequence[float]) -> dict[str, Any]:
+    """Each process's CPU in % of one core over the window, and which one limited it."""
+    wall = max(end.wall - start.wall, 1e-9)
+
+    def pct(seconds: float) -> float:
+        return round(100 * seconds / wall, 1)
+
+    processes = {name: pct(end.cpu_s[name] - start.cpu_s[name]) for name in start.cpu_s}
+    clients = [pct(s) for s in clients_cpu_s]
+    machine = round(100 * (end.busy - start.busy) / max(end.total - start.total, 1), 1)
+    return {
+        "window_s": round(wall, 3),
+        **{f"{name}_pct": value for name, value in processes.items()},
+        "clients_pct": clients,
+        "machine_busy_pct": machine,
+        "limited_by": bottleneck(processes, clients, machine),
+    }
+
+
+def bottleneck(processes: Mapping[str, float], clients: Sequence[float], machine: float) -> str:
+    for name, value in processes.items():
+        if value >= SATURATED_PCT:
+            return f"{name} process (one core, saturated)"
+    if clients and min(clients) >= SATURATED_PCT:
+        return "client processes (each at a full core)"
+    if machine >= SATURATED_PCT:
+        return (
+            f"machine: all {os.cpu_count()} cores busy "
+            "(broker, relay, publisher and clients share them)"
+        )
+    return "no process saturated: latency-bound, not CPU-bound"
+
+
+# -- what a client process receives ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Received:
+    latencies_ms: array[float]  # every event after `started`
+    events: int
+    last_at: float  # time.time() of the last event
+    cpu_s: float  # this process, from all-live to done
+
+
+class Countdown:
+    def __init__(self, count: int, then: Callable[[], None]) -> None:
+        self._left = count
+        self._then = then
+
+    def tick(self) -> None:
+        self._left -= 1
+        if self._left == 0:
+            self._then()
+
+
+Report = Callable[[str, object], None]
+
+
+class Tally:
+    """What one client process receives on ``streams`` subscriptions. It reports
+    ``live`` once every one has delivered seq 0 (`started`); the events after that
+    are the measured ones."""
+
+    def __init__(self, streams: int, report: Report) -> None:
+        self.terminals = 0
+        self._latencies: array[float] = array("d")
+        self._last_at = 0.0
+        self._cpu_at_live = 0.0
+        self._live = Countdown(streams, self._went_live)
+        self._report = report
+
+    def _went_live(self) -> None:
+        self._cpu_at_live = time.process_time()
+        self._report("live", None)
+
+    def observe(self, data: str | bytes) -> tuple[str, int]:
+        """Record one event (its JSON); returns its type and seq."""
+        now = time.time()
+        event = json.loads(data)
+        kind, seq = event["type"], event["seq"]
+        if seq == 0:
+            self._live.tick()
+        else:
+            published = datetime.fromisoformat(event["ts"]).timestamp()
+            self._latencies.append((now - published) * 1000)
+            self._last_at = now
+        if kind in TERMINAL:
+            self.terminals += 1
+        return kind, seq
+
+    def received(self) -> Received:
+        cpu_s = time.process_time() - self._cpu_at_live
+        return Received(self._latencies, len(self._latencies), self._last_at, cpu_s)
+
+
+# -- client jobs, each run in a spawned process ----------------------------------
+
+
+class Job(Protocol):
+    async def run(self, report: Report) -> None: ...
+
+
+@dataclass(frozen=True)
+class SseJob:
+    """Subscribe to each request id (an id may repeat) over SSE, on its own connection."""
+
+    url: str
+    request_ids: list[str]
+
+    async def run(self, report: Report) -> None:
+        tally = Tally(len(self.request_ids), report)
+        began = time.monotonic()
+        opened = Countdown(
+            len(self.request_ids), lambda: report("listening", time.monotonic() - began)
+        )
+        connecting = asyncio.Semaphore(CONNECTING_AT_ONCE)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=self.url, timeout=None, limits=limits) as http:
+            await asyncio.gather(
+                *(self._follow(http, rid, tally, connecting, opened) for rid in self.request_ids)
+            )
+        report("done", tally.received())
+
+    async def _follow(
+        self,
+        http: httpx.AsyncClient,
+        request_id: str,
+        tally: Tally,
+        connecting: asyncio.Semaphore,
+        opened: Countdown,
+    ) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            async with connecting:
+                path = f"/v1/requests/{request_id}/events"
+                source = await stack.enter_async_context(aconnect_sse(http, "GET", path))
+                await _check_opened(source, request_id)
+            opened.tick()
+            expected = 0
+            async for message in source.aiter_sse():
+                if not message.data:
+                    continue  # keep-alive
+                if message.event == "error":
+                    raise RuntimeError(f"relay error on {request_id}: {message.data}")
+                kind, seq = tally.observe(message.data)
+                if seq != expected:
+                    raise RuntimeError(f"{request_id}: got seq {seq}, expected {expected}")
+                expected += 1
+                if kind in TERMINAL:
+                    return
+        raise RuntimeError(f"{request_id}: the stream ended before its terminal event")
+
+
+async def _check_opened(source: EventSource, request_id: str) -> None:
+    if source.response.status_code != 200:
+        await source.response.aread()
+        raise RuntimeError(
+            f"GET events of {request_id}: {source.response.status_code} {source.response.text}"
+        )
+
+
+@dataclass(frozen=True)
+class PlainJob:
+    """A plain aiokafka consumer of the tokens topic, read the way the relay's hub reads."""
+
+    kafka: KafkaSettings
+    streams: int
+
+    async def run(self, report: Report) -> None:
+        tally = Tally(self.streams, report)
+        began = time.monotonic()
+        consumer = new_consumer(self.kafka, fetch_max_wait_ms=HUB_FETCH_MAX_WAIT_MS)
+        await consumer.start()
+        try:
+            topic = self.kafka.topics.tokens
+            await consumer.topics()
+            ids = sorted(consumer.partitions_for_topic(topic) or ())
+            partitions = [TopicPartition(topic, p) for p in ids]
+            consumer.assign(partitions)
+            await consumer.seek_to_end(*partitions)
+            for tp in partitions:
+                await consumer.position(tp)  # resolve the end offsets now
+            report("listening", time.monotonic() - began)
+            while tally.terminals < self.streams:
+                batches = await consumer.getmany(timeout_ms=1000)
+                for records in batches.values():
+                    for record in records:
+                        tally.observe(record.value)
+        finally:
+            await consumer.stop()
+        report("done", tally.received())
+
+
+def _child_main(job: Job, index: int, reports: mp.Queue[tuple[int, str, object]]) -> None:
+    def report(kind: str, payload: object) -> None:
+        reports.put((index, kind, payload))
+
+    try:
+        asyncio.run(job.run(report))
+    except Exception:
+        report("error", traceback.format_exc())
+        raise
+
+
+class Children:
+    """Jobs, each in a spawned process, reporting milestones on one queue:
+    ``listening`` -> ``live`` -> ``done`` (with its `Received`), or ``error``."""
+
+    def __init__(self, jobs: Sequence[Job]) -> None:
+        ctx = mp.get_context("spawn")
+        self._reports: mp.Queue[tuple[int, str, object]] = ctx.Queue()
+        self._processes = [
+            ctx.Process(target=_child_main, args=(job, i, self._reports), daemon=True)
+            for i, job in enumerate(jobs)
+        ]
+        self._seen: dict[str, dict[int, object]] = {}
+
+    def __enter__(self) -> Children:
+        for process in self._processes:
+            process.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for process in self._processes:
+            if exc is not None:
+                process.terminate()  # a failed run: nobody will read what it reports
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+
+    async def all_report(self, kind: str, *, within: float) -> list[Any]:
+        """Wait until every child has reported ``kind``; their payloads, in order."""
+        deadline = time.monotonic() + within
+        seen = self._seen.setdefault(kind, {})
+        while len(seen) < len(self._processes):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{len(seen)}/{len(self._processes)} clients {kind} after {within:.0f}s"
+                )
+            try:
+                index, got, payload = await asyncio.to_thread(self._reports.get, True, 0.5)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            if got == "error":
+                raise RuntimeError(f"client process {index} failed:\n{payload}")
+            self._seen.setdefault(got, {})[index] = payload
+        return [seen[i] for i in range(len(self._processes))]
+
+    def _check_alive(self) -> None:
+        for i, process in enumerate(self._processes):
+            if process.exitcode not in (None, 0):
+                raise RuntimeError(f"client process {i} exited with {process.exitcode}")
+
+
+# -- publishing -------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def producing(kafka: KafkaSettings) -> AsyncIterator[AIOKafkaProducer]:
+    producer = new_producer(kafka)
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()
+
+
+async def submit_requests(kafka: KafkaSettings, count: int) -> list[uuid.UUID]:
+    """Put requests in the log as the API would (the relay 404s an id not there)."""
+    requests = [
+        GenerationRequest(request_id=uuid7(), prompt="p", submitted_at=datetime.now(UTC))
+        for _ in range(count)
+    ]
+    async with producing(kafka) as producer:
+        deliveries = [
+            await producer.send(kafka.topics.requests, encode(r), key=message_key(r.request_id))
+            for r in requests
+        ]
+        await asyncio.gather(*deliveries)
+    return [r.request_id for r in requests]
+
+
+class Publisher:
+    """One `EventStream` per request on one producer, as a worker publishes them:
+    `started` for all, then the tokens (paced or flat out) and `finished`."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, ids: Sequence[uuid.UUID]) -> None:
+        # Imported here, not at the top: `workers` imports torch (seconds), and every
+        # client process imports this module again.
+        from workers.publisher import EventStream
+
+        self._streams = [EventStream(producer, topic, rid, "bench") for rid in ids]
+
+    async def start_all(self) -> None:
+        for stream in self._streams:
+            await stream.started(
+                model="bench", model_revision="0", prompt_tokens=1, queue_wait_ms=0.0
+            )
+        await asyncio.gather(*(stream.flush() for stream in self._streams))
+
+    async def tokens(self, count: int, rate: float | None) -> None:
+        spread = 1 / (rate * len(self._streams)) if rate else 0.0  # stagger the streams
+        await asyncio.gather(
+            *(self._one(stream, count, rate, i * spread) for i, stream in enumerate(self._streams))
+        )
+
+    @staticmethod
+    async def _one(stream: EventStream, count: int, rate: float | None, offset: float) -> None:
+        loop = asyncio.get_running_loop()
+        begin = loop.time() + offset
+        for i in range(count):
+            if rate:
+                delay = begin + i / rate - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # pacing: the decoding rate being modelled
+            await stream.token(TOKEN_TEXT, [i], -0.5)
+        usage = Usage(prompt_tokens=1, completion_tokens=count)
+        await stream.finished(FinishReason.LENGTH, usage, Timings(ttft_ms=1.0, total_ms=1.0))
+
+
+# -- the relay process -------------------------------------------------------------
+
+
+def start_relay(kafka: KafkaSettings, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENBUS_", "KAFKA_"))}
+    with log_path.open("wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tokenbus", "serve", "--port", str(port)],
+            env=env | kafka_env(kafka) | RELAY_ENV,
+            cwd=REPO,  # not benchmarks/, where this file would shadow the `relay` package
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@dataclass
+class Relay:
+    process: subprocess.Popen[bytes]
+    url: str
+    http: httpx.AsyncClient
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def ready(self) -> bool:
+        if self.process.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"relay exited with {self.process.returncode}:\n{tail}")
+        try:
+            return (await self.http.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def metric(self, name: str) -> float:
+        for line in (await self.http.get("/metrics")).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise RuntimeError(f"the relay reports no metric {name}")
+
+    async def wait_for_metric(self, name: str, at_least: float) -> None:
+        async def reached() -> bool:
+            return await self.metric(name) >= at_least
+
+        await until(reached, within=STEP_WITHIN_S, what=f"{name} >= {at_least:g}")
+
+
+@contextlib.asynccontextmanager
+async def relay_process(kafka: KafkaSettings, logs: Path) -> AsyncIterator[Relay]:
+    port = free_port()
+    log_path = logs / f"relay-{port}.log"
+    process = start_relay(kafka, port, log_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            relay = Relay(process, url, http, log_path)
+            await until(relay.ready, within=RELAY_START_WITHIN_S, what="relay /readyz")
+            yield relay
+    finally:
+        await asyncio.to_thread(stop_process, process)
+
+
+# -- scenarios ---------------------------------------------------------------------
+
+
+async def deliver(
+    children: Children,
+    publisher: Publisher,
+    load: Load,
+    *,
+    subscribed: Callable[[], Awaitable[None]] | None = None,
+    pids: Mapping[str, int],
+) -> dict[str, Any]:
+    """Publish ``load`` to clients already started, once they all listen; measure.
+    ``pids``: the processes whose CPU use to report (the publisher is this one)."""
+    connect_s: list[float] = await children.all_report("listening", within=STEP_WITHIN_S)
+    if subscribed is not None:
+        await subscribed()
+    await publisher.start_all()
+    await children.all_report("live", within=STEP_WITHIN_S)
+    start, first_publish = CpuMark.now(pids), time.time()
+    await publisher.tokens(load.tokens, load.rate)
+    received: list[Received] = await children.all_report("done", within=STEP_WITHIN_S)
+    end = CpuMark.now(pids)
+    events = sum(r.events for r in received)
+    expected = load.streams * load.subscribers_per_stream * (load.tokens + 1)
+    if events != expected:
+        raise RuntimeError(f"clients received {events} events, expected {expected}")
+    wall = max(r.last_at for r in received) - first_publish
+    latencies = [v for r in received for v in r.latencies_ms]
+    return {
+        **asdict(load),
+        "connect_s": round(max(connect_s), 2),
+        "events_delivered": events,
+        "wall_s": round(wall, 3),
+        "events_per_s": round(events / wall),
+        "latency": latency_summary(latencies),
+        "cpu": cpu_usage(start, end, [r.cpu_s for r in received]),
+    }
+
+
+@dataclass(frozen=True)
+class Bench:
+    bootstrap: str
+    logs: Path
+    client_procs: int
+    watched: dict[str, int]  # processes whose CPU use every run reports (the broker)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+
+    async def topics(self, scenario: str) -> KafkaSettings:
+        """Fresh topics: no earlier traffic for the relay to scan past."""
+        kafka = KafkaSettings(
+            bootstrap_servers=self.bootstrap,
+            topic_prefix=f"bench{self.run_id}.{scenario}.",
+            partitions=4,
+        )
+        await ensure_topics(kafka)
+        return kafka
+
+    async def through_relay(self, scenario: str, load: Load) -> dict[str, Any]:
+        kafka = await self.topics(scenario)
+        ids = await submit_requests(kafka, load.streams)
+        subscriptions = [str(rid) for rid in ids for _ in range(load.subscribers_per_stream)]
+        async with relay_process(kafka, self.logs) as relay, producing(kafka) as producer:
+            jobs = [SseJob(relay.url, part) for part in split(subscriptions, self.client_procs)]
+
+            async def subscribed() -> None:
+                await relay.wait_for_metric("tokenbus_relay_subscribers", len(subscriptions))
+
+            with Children(jobs) as children:
+                publisher = Publisher(producer, kafka.topics.tokens, ids)
+                pids = self.watched | {"relay": relay.pid}
+                return await deliver(children, publisher, load, subscribed=subscribed, pids=pids)
+
+    async def plain_hop(self, scenario: str, load: Load) -> dict[str, Any]:
+        kafka = await self.topics(scenario)
+        ids = [uuid7() for _ in range(load.streams)]
+        async with producing(kafka) as producer:
+            with Children([PlainJob(kafka, load.streams)]) as children:
+                publisher = Publisher(producer, kafka.topics.tokens, ids)
+                return await deliver(children, publisher, load, pids=self.watched)
+
+    async def latency(self, streams: int, sizes: Sizes) -> dict[str, Any]:
+        load = Load(streams, 1, sizes.latency_tokens, sizes.rate)
+        relay = await self.through_relay(f"latency{streams}", load)
+        plain = await self.plain_hop(f"plain{streams}", load)
+        relay_lat, plain_lat = relay["latency"], plain["latency"]
+        return {
+            "streams": streams,
+            "relay": relay,
+            "plain_kafka_hop": plain,
+            "added_p50_ms": round(relay_lat["p50_ms"] - plain_lat["p50_ms"], 2),
+            "added_p99_ms": round(relay_lat["p99_ms"] - plain_lat["p99_ms"], 2),
+            "p99_ratio": round(relay_lat["p99_ms"] / plain_lat["p99_ms"], 2),
+        }
+
+    async def replay(self, tokens: int, repeats: int) -> dict[str, Any]:
+        kafka = await self.topics("replay")
+        [rid] = await submit_requests(kafka, 1)
+        events = tokens + 2
+        async with relay_process(kafka, self.logs) as relay:
+            async with producing(kafka) as producer:
+                publisher = Publisher(producer, kafka.topics.tokens, [rid])
+                await publisher.start_all()
+                await publisher.tokens(tokens, None)
+            await relay.wait_for_metric("tokenbus_relay_events_read_total", events)
+            held = await replays(relay.url, rid, events, repeats)
+        async with relay_process(kafka, self.logs) as fresh:
+            from_log = await replays(fresh.url, rid, events, repeats)
+        return {
+            "tokens": tokens,
+            "events": events,
+            "relays": {"in_memory": held, "fresh_from_log": from_log},
+        }
+
+
+async def time_to_last_byte(url: str, request_id: uuid.UUID, events: int) -> float:
+    """Milliseconds from sending the request (on a new connection) to the end of the
+    response; checks that all ``events`` came, the last one terminal."""
+    path = f"/v1/requests/{request_id}/events"
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        began = time.perf_counter()
+        async with http.stream("GET", path) as response:
+            body = b"".join([chunk async for chunk in response.aiter_raw()])
+        took = time.perf_counter() - began
+    lines = body.splitlines()
+    got = sum(line.startswith(b"id:") for line in lines)
+    kinds = [line for line in lines if line.startswith(b"event:")]
+    if response.status_code != 200 or got != events or kinds[-1] != b"event: finished":
+        raise RuntimeError(f"replay of {request_id}: {response.status_code}, {got}/{events}")
+    return took * 1000
+
+
+async def replays(url: str, request_id: uuid.UUID, events: int, repeats: int) -> dict[str, Any]:
+    """One client after another; the first also pays the relay's request lookup."""
+    times = [await time_to_last_byte(url, request_id, events) for _ in range(repeats)]
+    return {
+        "connections": repeats,
+        "first_ms": round(times[0], 2),
+        "p50_ms": round(percentile(times, 50), 2),
+        "max_ms": round(max(times), 2),
+    }
+
+
+async def run_all(bench: Bench, sizes: Sizes) -> dict[str, Any]:
+    latency = [await bench.latency(n, sizes) for n in sizes.concurrency]
+    tokens = sizes.fanout_tokens
+    fanout = {
+        "one_stream_many_subscribers": await bench.through_relay(
+            "fanout-subscribers", Load(1, sizes.fanout, tokens, None)
+        ),
+        "many_streams_one_subscriber": await bench.through_relay(
+            "fanout-streams", Load(sizes.fanout, 1, tokens, None)
+        ),
+    }
+    replay = await bench.replay(sizes.replay_tokens, sizes.replay_repeats)
+    return {"latency": latency, "fanout": fanout, "replay": replay}
+
+
+# -- report ----------------------------------------------------------------------------
+
+
+def goal(
+    name: str, measured: float, unit: str, *, below: float | None = None, at_least: float = 0
+) -> dict[str, Any]:
+    met = measured < below if below is not None else measured >= at_least
+    return {"goal": name, "measured": measured, "unit": unit, "met": met}
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    latency = [
+        goal(
+            f"relay p99 within 1.5x the plain Kafka hop ({r['streams']} streams)",
+            r["p99_ratio"],
+            "x",
+            below=1.5 + 1e-9,
+        )
+        for r in results["latency"]
+    ]
+    fanout = [
+        goal(
+            f">= 50,000 events/s delivered by one relay ({name})",
+            run["events_per_s"],
+            "events/s",
+            at_least=50_000,
+        )
+        for name, run in results["fanout"].items()
+    ]
+    replay = [
+        goal(
+            f"replay of a finished stream < 100 ms to last byte, worst connection ({name})",
+            run["max_ms"],
+            "ms",
+            below=100,
+        )
+        for name, run in results["replay"]["relays"].items()
+    ]
+    return latency + fanout + replay
+
+
+def summary(report: dict[str, Any]) -> str:
+    lines = ["latency (ms)           relay p50/p99        plain hop p50/p99   ratio p99"]
+    for r in report["latency"]:
+        relay, plain = r["relay"]["latency"], r["plain_kafka_hop"]["latency"]
+        lines.append(
+            f"  {r['streams']:>4} streams        {relay['p50_ms']:>8} / {relay['p99_ms']:<9}"
+            f"  {plain['p50_ms']:>7} / {plain['p99_ms']:<9}  {r['p99_ratio']}x"
+            f"   (relay CPU {r['relay']['cpu']['relay_pct']}%)"
+        )
+    for name, run in report["fanout"].items():
+        lines.append(
+            f"fan-out {name}: {run['events_per_s']:,} events/s, p99 {run['latency']['p99_ms']} ms"
+            f", relay CPU {run['cpu']['relay_pct']}%; limited by {run['cpu']['limited_by']}"
+        )
+    replay = report["replay"]
+    for name, run in replay["relays"].items():
+        lines.append(
+            f"replay {replay['tokens']} tokens, {name}: first {run['first_ms']} ms, "
+            f"p50 {run['p50_ms']} ms, max {run['max_ms']} ms"
+        )
+    lines += [
+        f"[{'met' if g['met'] else 'MISSED'}] {g['goal']}: {g['measured']} {g['unit']}"
+        for g in report["goals"]
+    ]
+    return "\n".join(lines)
+
+
+def parse_sizes(argv: Sequence[str] | None = None) -> tuple[Sizes, bool]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="streams in the latency runs")
+    parser.add_argument("--rate", type=float, help="events/s per stream in the latency runs")
+    parser.add_argument("--latency-tokens", type=int, help="token events per latency stream")
+    parser.add_argument("--fanout", type=int, help="subscribers / streams in the fan-out runs")
+    parser.add_argument("--fanout-tokens", type=int, help="token events per fan-out stream")
+    parser.add_argument("--replay-tokens", type=int)
+    parser.add_argument("--replay-repeats", type=int, help="replay connections per relay")
+    parser.add_argument("--client-procs", type=int, help="SSE client processes")
+    args = parser.parse_args(argv)
+    base = QUICK if args.quick else Sizes()
+    given = {
+        name: getattr(args, name)
+        for name in (f.name for f in fields(Sizes))
+        if getattr(args, name) is not None
+    }
+    if "concurrency" in given:
+        given["concurrency"] = tuple(given["concurrency"])
+    return replace(base, **given), args.quick
+
+
+def main() -> None:
+    sizes, quick = parse_sizes()
+    started = time.monotonic()
+    with (
+        tempfile.TemporaryDirectory(prefix="tokenbus-relay-bench-") as logs,
+        EmbeddedBroker(port=free_port()) as broker,
+    ):
+        pid = broker_pid()
+        watched = {"broker": pid} if pid is not None else {}
+        bench = Bench(broker.bootstrap, Path(logs), sizes.client_procs, watched)
+        results = asyncio.run(run_all(bench, sizes))
+    report = {
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "arch": platform.machine(),
+            "cpus": os.cpu_count(),
+            "gpu": "no GPU",
+            "python": platform.python_version(),
+        },
+        "quick": quick,
+        "sizes": asdict(sizes),
+        "setup": "embedded Tansu broker (memory), 4 partitions; one `tokenbus serve` process "
+        f"per scenario with {RELAY_ENV}; publisher: workers.publisher.EventStream in the "
+        f"bench process; SSE clients in {sizes.client_procs} spawned processes (httpx_sse); "
+        f"plain hop: one aiokafka consumer process, fetch_max_wait_ms={HUB_FETCH_MAX_WAIT_MS} "
+        "as the relay hub. CPU % is of one core over the delivery window.",
+        **results,
+        "took_s": round(time.monotonic() - started, 1),
+    }
+    report["goals"] = goals(results)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(summary(report))
+    print(f"written to {RESULTS.relative_to(REPO)} in {report['took_s']} s")
+
+
+if __name__ == "__main__":
+    main()
