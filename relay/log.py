@@ -33,7 +33,7 @@ from schemas import (
     uuid7_unix_ms,
 )
 from tokenbus.kafka import at_end, new_consumer
-from tokenbus.settings import KafkaSettings, ServerSettings
+from tokenbus.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,12 @@ class Submitted:
 
 
 class LogReader:
-    def __init__(self, *, kafka: KafkaSettings, settings: ServerSettings) -> None:
+    def __init__(
+        self, *, kafka: KafkaSettings, clock_skew_ms: int = 30_000, timeout_s: float = 15.0
+    ) -> None:
         self._kafka = kafka
-        self._skew_ms = settings.clock_skew_ms
-        self._timeout_s = settings.log_read_timeout_s
+        self._skew_ms = clock_skew_ms
+        self._timeout_s = timeout_s
 
     async def find_request(self, request_id: uuid.UUID) -> Submitted | None:
         """What was submitted under this id, or None if nothing was."""

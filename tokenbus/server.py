@@ -42,7 +42,11 @@ def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         submitter = Submitter(kafka)
         hub = StreamHub(kafka=kafka, settings=settings)
-        log_reader = LogReader(kafka=kafka, settings=settings)
+        log_reader = LogReader(
+            kafka=kafka,
+            clock_skew_ms=settings.clock_skew_ms,
+            timeout_s=settings.log_read_timeout_s,
+        )
         background: set[asyncio.Task[None]] = set()
         registry = CollectorRegistry()
         registry.register(_RelayCollector(hub))

@@ -101,6 +101,7 @@ class GenerationEngine:
         request: GenerationRequest,
         prompt_ids: list[int],
         *,
+        resumed: list[int] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> AsyncIterator[Step]:
         """Yield a step per generated token; the last step carries finish_reason.
@@ -108,14 +109,26 @@ class GenerationEngine:
         The end-of-sequence token is not yielded (it is not part of the text).
         Text held back at the end (half a character, a possible stop prefix that
         never completed) comes in a final step with no token ids.
+
+        ``resumed``: token ids another worker already published for this request.
+        They are prefilled with the prompt and never sampled again; replaying them
+        through the detokenizer and stop matcher restores exactly the text state
+        they left, so the next step continues the stream where it stopped.
         """
         params = request.sampling
         sampler = Sampler(params, self.loaded.device)
         detokenizer = IncrementalDetokenizer(self._tokenizer)
         stops = StopMatcher(params.stop)
+        resumed = resumed or []
+        for token in resumed:
+            stops.feed(detokenizer.push(token))  # already published: rebuild state only
+        if stops.stopped or len(resumed) >= params.max_tokens:
+            reason = FinishReason.STOP if stops.stopped else FinishReason.LENGTH
+            yield Step(text=stops.feed(detokenizer.flush()) + stops.flush(), finish_reason=reason)
+            return
 
-        logits, cache = await asyncio.to_thread(self._forward, prompt_ids, None)
-        for produced in range(1, params.max_tokens + 1):
+        logits, cache = await asyncio.to_thread(self._forward, prompt_ids + resumed, None)
+        for produced in range(len(resumed) + 1, params.max_tokens + 1):
             if should_stop():
                 yield Step(text=stops.flush(), finish_reason=FinishReason.CANCELLED)
                 return

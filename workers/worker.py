@@ -19,27 +19,32 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from relay.log import LogReader
 from schemas import (
     ErrorCode,
     FinishReason,
     GenerationRequest,
     MalformedMessage,
+    StreamEvent,
     Timings,
+    TokenEvent,
     Usage,
     decode_request,
+    is_terminal,
 )
 from schemas.requests import ANY_MODEL
 from tokenbus.kafka import new_consumer, new_producer
 from tokenbus.settings import KafkaSettings, WorkerSettings
 
 from .control import CancelWatcher
-from .engine import GenerationEngine, PromptError
+from .engine import GenerationEngine, PromptError, Step
 from .models import LoadedModel
 from .offsets import OffsetTracker
 from .publisher import EventStream
@@ -67,6 +72,7 @@ class Worker:
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._offsets = OffsetTracker()
         self._cancels = CancelWatcher(kafka)
+        self._log = LogReader(kafka=kafka)
         self._revoked: set[TopicPartition] = set()
         self.ready = asyncio.Event()  # set once the consumer has its partitions
         self._consumer: AIOKafkaConsumer | None = None
@@ -162,16 +168,24 @@ class Worker:
         request = job.request
         picked_up = time.perf_counter()
         now = datetime.now(UTC)
+        # Another worker may have served this request before it died (its offset was
+        # not committed): continue after what it published instead of starting over.
+        published = [e async for e in self._log.events(request.request_id, from_seq=0)]
+        if published and is_terminal(published[-1]):
+            return  # it finished; only the commit was missing
+        stream.next_seq = len(published)
+        if published:
+            log.info("continuing %s after seq %d", request.request_id, len(published) - 1)
         if request.model not in self._names:
             await stream.failed(
                 ErrorCode.UNKNOWN_MODEL,
                 f"this worker group serves {self._model.name!r}, not {request.model!r}",
             )
             return
-        if self._cancels.cancelled(request.request_id):
+        if self._cancels.cancelled(request.request_id) and not published:
             await _finish_unstarted(stream, FinishReason.CANCELLED)
             return
-        if request.expired(now):
+        if request.expired(now) and not published:
             await _finish_unstarted(stream, FinishReason.EXPIRED)
             return
         try:
@@ -183,7 +197,7 @@ class Worker:
             await stream.failed(code, str(exc))
             return
         try:
-            await self._generate(request, prompt_ids, stream, picked_up, now)
+            await self._generate(request, prompt_ids, stream, picked_up, now, published)
         except Exception:
             log.exception("generation of %s failed", request.request_id)
             await stream.failed(
@@ -197,19 +211,30 @@ class Worker:
         stream: EventStream,
         picked_up: float,
         picked_up_at: datetime,
+        published: list[StreamEvent],
     ) -> None:
-        queue_wait = (picked_up_at - request.submitted_at).total_seconds() * 1000
-        await stream.started(
-            model=self._model.name,
-            model_revision=self._model.revision,
-            prompt_tokens=len(prompt_ids),
-            queue_wait_ms=max(queue_wait, 0.0),
-        )
-        ttft_ms: float | None = None
-        completion = 0
+        if not published:
+            queue_wait = (picked_up_at - request.submitted_at).total_seconds() * 1000
+            await stream.started(
+                model=self._model.name,
+                model_revision=self._model.revision,
+                prompt_tokens=len(prompt_ids),
+                queue_wait_ms=max(queue_wait, 0.0),
+            )
+        tokens = [e for e in published if isinstance(e, TokenEvent)]
+        resumed = [token_id for e in tokens for token_id in e.token_ids]
+        ttft_ms: float | None = None  # this attempt's; unknown when it took over mid-stream
+        completion = len(resumed)
         rid = request.request_id
         should_stop = lambda: self._cancels.cancelled(rid) is not None  # noqa: E731
-        async for step in self._engine.generate(request, prompt_ids, should_stop=should_stop):
+        if tokens and not tokens[-1].token_ids:
+            # The previous attempt had published its closing text: only `finished` is missing.
+            steps: AsyncIterator[Step] = _single(Step(text="", finish_reason=FinishReason.STOP))
+        else:
+            steps = self._engine.generate(
+                request, prompt_ids, resumed=resumed, should_stop=should_stop
+            )
+        async for step in steps:
             if step.token_ids or step.text:
                 if ttft_ms is None and step.token_ids:
                     ttft_ms = (time.perf_counter() - picked_up) * 1000
@@ -248,6 +273,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._worker._assigned(set(assigned))
+
+
+async def _single(step: Step) -> AsyncIterator[Step]:
+    yield step
 
 
 async def _finish_unstarted(stream: EventStream, reason: FinishReason) -> None:

@@ -1,0 +1,115 @@
+"""A worker killed mid-generation (kill -9): another worker of the group takes the
+request over, finds what was published, and continues at the next seq. The
+subscriber sees one contiguous, duplicate-free stream; published tokens are never
+generated again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from producers import TokenbusClient
+from schemas import FinishedEvent, StartedEvent, StreamEvent, TokenEvent
+from tokenbus.settings import KafkaSettings, kafka_env
+from workers import LoadedModel
+
+from .conftest import assert_complete, serving, text_of
+
+CHAT = [{"role": "user", "content": "Write a short story about a fox who learns to sail."}]
+
+
+@pytest.fixture
+def two_workers(kafka: KafkaSettings, tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Two `tokenbus worker` processes in one consumer group, with the real SmolLM2."""
+    env = os.environ | kafka_env(kafka)
+    env |= {
+        "TOKENBUS_GROUP_ID": f"{kafka.topic_prefix}workers",
+        "TOKENBUS_SESSION_TIMEOUT_MS": "6000",
+        "TOKENBUS_HEARTBEAT_INTERVAL_MS": "500",
+    }
+    with contextlib.ExitStack() as files:
+        logs = [files.enter_context((tmp_path / f"worker{i}.log").open("wb")) for i in range(2)]
+        command = [sys.executable, "-m", "tokenbus", "worker"]
+        workers = [
+            subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT) for out in logs
+        ]
+        try:
+            yield workers
+        finally:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.kill()
+                worker.wait()
+
+
+def pid_of(worker_id: str) -> int:
+    return int(worker_id.rsplit("-", 1)[1])  # worker ids are <host>-<pid>
+
+
+async def stream_killing_the_worker(
+    client: TokenbusClient, request_id: object, kill_after_seq: int
+) -> list[StreamEvent]:
+    events: list[StreamEvent] = []
+    async for event in client.stream(request_id):  # type: ignore[arg-type]
+        events.append(event)
+        if event.seq == kill_after_seq:
+            assert isinstance(events[0], StartedEvent)
+            os.kill(pid_of(events[0].worker), signal.SIGKILL)
+    return events
+
+
+def greedy_continuation(
+    model: LoadedModel, prompt_ids: list[int], prefix: list[int], n: int
+) -> list[int]:
+    ids = torch.tensor([prompt_ids + prefix])
+    with torch.inference_mode():
+        out = model.model.generate(ids, max_new_tokens=n, do_sample=False)
+    generated = out[0][ids.shape[1] :].tolist()
+    eos = model.model.generation_config.eos_token_id
+    return [t for t in generated if t != eos]
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.9, "seed": 7}],
+                         ids=["greedy", "seeded"])  # fmt: skip
+async def test_killed_worker_is_continued_without_gap_or_duplicate(
+    kafka: KafkaSettings,
+    smollm: LoadedModel,
+    two_workers: list[subprocess.Popen[bytes]],
+    sampling: dict[str, float],
+) -> None:
+    async with serving(kafka) as (url, _), TokenbusClient(url) as client:
+        submission = await client.submit(messages=CHAT, max_tokens=60, **sampling)
+        events = await asyncio.wait_for(
+            stream_killing_the_worker(client, submission.request_id, kill_after_seq=6), timeout=150
+        )
+
+    assert_complete(events)
+    assert isinstance(events[-1], FinishedEvent)
+    started = [e for e in events if isinstance(e, StartedEvent)]
+    assert len(started) == 1
+    first_worker = started[0].worker
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    before = [t for t in tokens if t.worker == first_worker]
+    after = [t for t in tokens if t.worker != first_worker]
+    assert len(before) >= 6 and after, "the stream was not taken over by the other worker"
+    assert tokens == before + after  # the takeover continued, it did not interleave
+    ids = [i for t in tokens for i in t.token_ids]
+    assert events[-1].usage.completion_tokens == len(ids)
+    assert text_of(events) == smollm.tokenizer.decode(ids, skip_special_tokens=True)
+    if sampling["temperature"] == 0:
+        prompt = smollm.tokenizer.apply_chat_template(
+            CHAT, add_generation_prompt=True, tokenize=False
+        )
+        prompt_ids = smollm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prefix = [i for t in before for i in t.token_ids]
+        expected = greedy_continuation(smollm, prompt_ids, prefix, 60 - len(prefix))
+        assert [i for t in after for i in t.token_ids] == expected
