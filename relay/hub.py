@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas import MalformedMessage, StartedEvent, StreamEvent, decode_event
+from schemas import MalformedMessage, StartedEvent, StreamEvent, StreamView, decode_event
 from tokenbus.kafka import new_consumer
 from tokenbus.settings import KafkaSettings, ServerSettings
 
@@ -62,15 +62,17 @@ class Listener:
 class _Stream:
     events: list[StreamEvent] = field(default_factory=list)  # contiguous seqs
     listeners: set[Listener] = field(default_factory=set)
+    view: StreamView = field(default_factory=lambda: StreamView(anchor_on_first=True))
 
     def append(self, event: StreamEvent) -> bool:
-        """Keep ``event`` if it continues the held run; False for a duplicate."""
-        if self.events:
-            expected = self.events[-1].seq + 1
-            if event.seq < expected:
-                return False
-            if event.seq > expected:
-                self.events.clear()  # a gap we did not see: hold only from here on
+        """Keep ``event`` if the fencing rule accepts it as the next of the held run."""
+        if event.attempt >= self.view.attempt and self.events and event.seq > self.view.next_seq:
+            # A gap we did not see (not possible in one partition's order, but a
+            # malformed event skipped would do it): hold only from here on.
+            self.events.clear()
+            self.view = StreamView(anchor_on_first=True)
+        if not self.view.accept(event):
+            return False
         self.events.append(event)
         return True
 

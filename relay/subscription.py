@@ -44,6 +44,8 @@ class _Cursor:
         self.done = False
 
     def accept(self, event: StreamEvent) -> bool:
+        # Each source (the hub, the log) already applied the fencing rule in log
+        # order; here only the seq decides.
         if self.done or event.seq != self.next_seq:
             return False
         self.next_seq += 1

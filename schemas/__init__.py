@@ -13,6 +13,7 @@ from .events import (
     Usage,
     is_terminal,
 )
+from .fencing import StreamView
 from .ids import uuid7, uuid7_datetime, uuid7_unix_ms
 from .requests import (
     DEFAULT_MODEL,
@@ -49,6 +50,7 @@ __all__ = [
     "SamplingParams",
     "StartedEvent",
     "StreamEvent",
+    "StreamView",
     "TerminalEvent",
     "Timings",
     "TokenEvent",

@@ -4,6 +4,9 @@ A stream is ``started``, any number of ``token``, then exactly one terminal even
 (``finished`` or ``failed``), with ``seq`` counting 0, 1, 2 ... without gaps. A
 ``failed`` event may also come first, when a request is rejected before any
 generation (then it is seq 0 and the stream has no ``started``).
+
+``attempt`` fences stale workers; see `schemas.fencing` for the rule every reader
+applies.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class _Event(BaseModel):
     seq: int = Field(ge=0)
     ts: AwareDatetime
     worker: str
+    attempt: int = Field(default=0, ge=0)  # when this worker took the request (Unix ms)
 
 
 class StartedEvent(_Event):

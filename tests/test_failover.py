@@ -113,3 +113,62 @@ async def test_killed_worker_is_continued_without_gap_or_duplicate(
         prefix = [i for t in before for i in t.token_ids]
         expected = greedy_continuation(smollm, prompt_ids, prefix, 60 - len(prefix))
         assert [i for t in after for i in t.token_ids] == expected
+
+
+async def raw_events(kafka: KafkaSettings, request_id: object) -> list[StreamEvent]:
+    """Everything in the log for the request, fenced or not, in log order."""
+    from schemas import decode_event, message_key
+    from tokenbus.kafka import at_end, new_consumer
+
+    consumer = new_consumer(kafka, fetch_max_wait_ms=50)
+    await consumer.start()
+    try:
+        from aiokafka import TopicPartition
+
+        await consumer.topics()
+        partitions = [TopicPartition(kafka.topics.tokens, p) for p in range(kafka.partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        key = message_key(request_id)  # type: ignore[arg-type]
+        found: list[StreamEvent] = []
+        while True:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                found += [decode_event(r.value) for r in records if r.key == key]
+            if await at_end(consumer, *partitions):
+                return found
+    finally:
+        await consumer.stop()
+
+
+async def test_a_frozen_worker_that_wakes_up_is_fenced_off(
+    kafka: KafkaSettings, smollm: LoadedModel, two_workers: list[subprocess.Popen[bytes]]
+) -> None:
+    async with serving(kafka) as (url, _), TokenbusClient(url) as client:
+        submission = await client.submit(messages=CHAT, max_tokens=60, temperature=0)
+        events: list[StreamEvent] = []
+        frozen: int | None = None
+        woken = False
+        async with asyncio.timeout(150):
+            async for event in client.stream(submission.request_id):
+                events.append(event)
+                if event.seq == 6 and frozen is None:
+                    frozen = pid_of(events[0].worker)
+                    os.kill(frozen, signal.SIGSTOP)  # frozen past its session timeout
+                elif frozen is not None and not woken and event.worker != events[0].worker:
+                    os.kill(frozen, signal.SIGCONT)  # the other worker has taken over: wake up
+                    woken = True
+    assert woken, "the other worker never took over"
+    assert_complete(events)
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    takeover = next(t for t in tokens if t.worker != events[0].worker)
+    # Attempts only go up along the stream (a woken worker may own it again later,
+    # but under a new attempt) ...
+    attempts = [e.attempt for e in events]
+    assert attempts == sorted(attempts)
+    # ... and nothing written under an attempt the takeover fenced reached the subscriber,
+    # though the woken worker may have written some: those are in the log, ignored.
+    assert not [e for e in events if e.attempt < takeover.attempt and e.seq >= takeover.seq]
+    raw = await raw_events(kafka, submission.request_id)
+    assert len(raw) >= len(events)  # the log holds the stream and whatever was fenced
+    ids = [i for t in tokens for i in t.token_ids]
+    assert text_of(events) == smollm.tokenizer.decode(ids, skip_special_tokens=True)

@@ -121,3 +121,36 @@ def test_partition_for_matches_kafkas_default_partitioner() -> None:
         rid = uuid7()
         key = str(rid).encode()
         assert partition_for(rid, 4) == DefaultPartitioner()(key, [0, 1, 2, 3], [0, 1, 2, 3])
+
+
+def _token(seq: int, attempt: int, text: str = "t") -> TokenEvent:
+    rid = uuid.UUID(int=7 << 76)
+    return TokenEvent(request_id=rid, seq=seq, ts=NOW, worker="w", text=text, token_ids=[seq],
+                      attempt=attempt)  # fmt: skip
+
+
+def accepted(events: list[TokenEvent], **view: object) -> list[tuple[int, int]]:
+    from schemas import StreamView
+
+    rule = StreamView(**view)  # type: ignore[arg-type]
+    return [(e.seq, e.attempt) for e in events if rule.accept(e)]
+
+
+def test_fencing_takes_the_first_of_each_seq_and_drops_lower_attempts() -> None:
+    log = [
+        _token(0, 1), _token(1, 1), _token(2, 1),
+        _token(3, 1),  # the stale worker slipped one in before the claim: it counts
+        _token(3, 5),  # the new owner's claim: a duplicate seq, but it raises the attempt
+        _token(4, 1),  # the stale worker again: fenced
+        _token(4, 5), _token(5, 5),
+    ]  # fmt: skip
+    assert accepted(log) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 5), (5, 5)]
+
+
+def test_fencing_drops_duplicates_of_one_attempt() -> None:
+    assert accepted([_token(0, 1), _token(0, 1), _token(1, 1)]) == [(0, 1), (1, 1)]
+
+
+def test_a_view_anchored_mid_stream_starts_at_its_first_event() -> None:
+    assert accepted([_token(7, 1), _token(8, 1)], anchor_on_first=True) == [(7, 1), (8, 1)]
+    assert accepted([_token(7, 1)]) == []

@@ -25,6 +25,10 @@ from .text import IncrementalDetokenizer, StopMatcher
 class PromptError(ValueError):
     """The request cannot be turned into a prompt for this model."""
 
+    def __init__(self, message: str, *, too_long: bool = False) -> None:
+        super().__init__(message)
+        self.too_long = too_long
+
 
 @dataclass(frozen=True, slots=True)
 class Step:
@@ -92,7 +96,8 @@ class GenerationEngine:
         if needed > self.loaded.max_context:
             raise PromptError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({request.sampling.max_tokens}) exceeds "
-                f"the model's context of {self.loaded.max_context} tokens"
+                f"the model's context of {self.loaded.max_context} tokens",
+                too_long=True,
             )
         return list(ids)
 

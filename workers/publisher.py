@@ -35,13 +35,20 @@ class EventStream:
     """The events of one request, numbered 0, 1, 2 ... as they are published."""
 
     def __init__(
-        self, producer: AIOKafkaProducer, topic: str, request_id: uuid.UUID, worker: str
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        request_id: uuid.UUID,
+        worker: str,
+        *,
+        attempt: int = 0,
     ) -> None:
         self._producer = producer
         self._topic = topic
         self._key = message_key(request_id)
         self.request_id = request_id
         self.worker = worker
+        self.attempt = attempt  # see schemas.fencing
         self.next_seq = 0
         self._deliveries: list[asyncio.Future[Any]] = []
 
@@ -72,6 +79,7 @@ class EventStream:
             seq=self.next_seq,
             ts=datetime.now(UTC),
             worker=self.worker,
+            attempt=self.attempt,
             **fields,
         )
         delivery = await self._producer.send(self._topic, encode(event), key=self._key)

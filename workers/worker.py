@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -159,7 +159,11 @@ class Worker:
             if job.tp in self._revoked:
                 continue  # its partition moved to another worker, which will serve it
             stream = EventStream(
-                producer, self._kafka.topics.tokens, job.request.request_id, self.worker_id
+                producer,
+                self._kafka.topics.tokens,
+                job.request.request_id,
+                self.worker_id,
+                attempt=time.time_ns() // 1_000_000,
             )
             await self._serve(job, stream)
             await self._commit(job.tp, job.offset)
@@ -167,42 +171,80 @@ class Worker:
     async def _serve(self, job: Job, stream: EventStream) -> None:
         request = job.request
         picked_up = time.perf_counter()
-        now = datetime.now(UTC)
-        # Another worker may have served this request before it died (its offset was
-        # not committed): continue after what it published instead of starting over.
+        # Another worker may have served this request before it died or froze (its
+        # offset was not committed): what the log holds decides where to go on from.
         published = [e async for e in self._log.events(request.request_id, from_seq=0)]
         if published and is_terminal(published[-1]):
-            return  # it finished; only the commit was missing
+            return  # an earlier attempt finished it; only the commit was missing
         stream.next_seq = len(published)
-        if published:
-            log.info("continuing %s after seq %d", request.request_id, len(published) - 1)
-        if request.model not in self._names:
-            await stream.failed(
-                ErrorCode.UNKNOWN_MODEL,
-                f"this worker group serves {self._model.name!r}, not {request.model!r}",
-            )
-            return
-        if self._cancels.cancelled(request.request_id) and not published:
-            await _finish_unstarted(stream, FinishReason.CANCELLED)
-            return
-        if request.expired(now) and not published:
-            await _finish_unstarted(stream, FinishReason.EXPIRED)
+        if not published and await self._answered_without_generating(request, stream):
             return
         try:
             prompt_ids = self._engine.prompt_ids(request)
-        except PromptError as exc:
-            code = ErrorCode.INVALID_REQUEST
-            if "context" in str(exc):
-                code = ErrorCode.PROMPT_TOO_LONG
-            await stream.failed(code, str(exc))
-            return
-        try:
-            await self._generate(request, prompt_ids, stream, picked_up, now, published)
+            claimed = await self._claim(request, stream, published, len(prompt_ids))
+            if is_terminal(claimed[-1]):
+                return
+            if published:
+                log.info("continuing %s after seq %d", request.request_id, claimed[-1].seq)
+            revoked = lambda: job.tp in self._revoked  # noqa: E731
+            await self._generate(request, prompt_ids, stream, picked_up, claimed, revoked)
         except Exception:
             log.exception("generation of %s failed", request.request_id)
             await stream.failed(
                 ErrorCode.INTERNAL_ERROR, "the worker failed while generating; see its log"
             )
+
+    async def _answered_without_generating(
+        self, request: GenerationRequest, stream: EventStream
+    ) -> bool:
+        """Answer a request that is not to be generated at all; False if it is to be."""
+        if request.model not in self._names:
+            await stream.failed(
+                ErrorCode.UNKNOWN_MODEL,
+                f"this worker group serves {self._model.name!r}, not {request.model!r}",
+            )
+        elif self._cancels.cancelled(request.request_id):
+            await _finish_unstarted(stream, FinishReason.CANCELLED)
+        elif request.expired(datetime.now(UTC)):
+            await _finish_unstarted(stream, FinishReason.EXPIRED)
+        else:
+            try:
+                self._engine.prompt_ids(request)
+            except PromptError as exc:
+                code = ErrorCode.PROMPT_TOO_LONG if exc.too_long else ErrorCode.INVALID_REQUEST
+                await stream.failed(code, str(exc))
+                return True
+            return False
+        return True
+
+    async def _claim(
+        self,
+        request: GenerationRequest,
+        stream: EventStream,
+        published: list[StreamEvent],
+        prompt_tokens: int,
+    ) -> list[StreamEvent]:
+        """Claim the request under this worker's attempt (see `schemas.fencing`) and
+        return its stream as every reader will see it.
+
+        A new request is claimed by its `started` event; one with events already, by
+        an empty token. Reading the log again once the broker has the claim gives
+        the stream up to and including it, with any stale event that slipped in
+        before it; what the fenced-off worker writes after it, no reader accepts.
+        """
+        if published:
+            await stream.token("", [], None)
+        else:
+            await stream.started(
+                model=self._model.name,
+                model_revision=self._model.revision,
+                prompt_tokens=prompt_tokens,
+                queue_wait_ms=max(_ms_since(request.submitted_at), 0.0),
+            )
+        await stream.flush()
+        claimed = [e async for e in self._log.events(request.request_id, from_seq=0)]
+        stream.next_seq = len(claimed)
+        return claimed
 
     async def _generate(
         self,
@@ -210,24 +252,16 @@ class Worker:
         prompt_ids: list[int],
         stream: EventStream,
         picked_up: float,
-        picked_up_at: datetime,
-        published: list[StreamEvent],
+        claimed: list[StreamEvent],
+        revoked: Callable[[], bool],
     ) -> None:
-        if not published:
-            queue_wait = (picked_up_at - request.submitted_at).total_seconds() * 1000
-            await stream.started(
-                model=self._model.name,
-                model_revision=self._model.revision,
-                prompt_tokens=len(prompt_ids),
-                queue_wait_ms=max(queue_wait, 0.0),
-            )
-        tokens = [e for e in published if isinstance(e, TokenEvent)]
+        tokens = [e for e in claimed if isinstance(e, TokenEvent)]
         resumed = [token_id for e in tokens for token_id in e.token_ids]
         ttft_ms: float | None = None  # this attempt's; unknown when it took over mid-stream
         completion = len(resumed)
         rid = request.request_id
         should_stop = lambda: self._cancels.cancelled(rid) is not None  # noqa: E731
-        if tokens and not tokens[-1].token_ids:
+        if tokens and tokens[-1].text and not tokens[-1].token_ids:
             # The previous attempt had published its closing text: only `finished` is missing.
             steps: AsyncIterator[Step] = _single(Step(text="", finish_reason=FinishReason.STOP))
         else:
@@ -235,6 +269,11 @@ class Worker:
                 request, prompt_ids, resumed=resumed, should_stop=should_stop
             )
         async for step in steps:
+            if revoked():
+                # Our partition moved on (we froze past the session timeout, say): the
+                # new owner continues this stream. Publish nothing more.
+                log.warning("stopping %s: its partition was revoked", rid)
+                return
             if step.token_ids or step.text:
                 if ttft_ms is None and step.token_ids:
                     ttft_ms = (time.perf_counter() - picked_up) * 1000
@@ -273,6 +312,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._worker._assigned(set(assigned))
+
+
+def _ms_since(moment: datetime) -> float:
+    return (datetime.now(UTC) - moment).total_seconds() * 1000
 
 
 async def _single(step: Step) -> AsyncIterator[Step]:
