@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
+import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
@@ -111,7 +112,12 @@ class LogReader:
         key = message_key(request_id)
         consumer = new_consumer(self._kafka, fetch_max_wait_ms=50)
         try:
-            await consumer.start()
+            # A subscriber that hangs up is cancelled by an anyio cancel scope, which
+            # cancels every later await too. Cancelled halfway, aiokafka's start()
+            # leaves a connection that stop() never closes; so start and stop are
+            # shielded, and a read is cancelled only between the two.
+            with anyio.CancelScope(shield=True):
+                await consumer.start()
             tp = await self._locate(consumer, topic, request_id)
             if tp is None:
                 return
@@ -134,7 +140,8 @@ class LogReader:
                 if until_end and await at_end(consumer, tp):
                     return
         finally:
-            await consumer.stop()
+            with anyio.CancelScope(shield=True):
+                await consumer.stop()
 
     async def _locate(
         self, consumer: AIOKafkaConsumer, topic: str, request_id: uuid.UUID
