@@ -13,13 +13,15 @@ class Topics:
     requests: str = "tokenbus.requests"
     tokens: str = "tokenbus.tokens"
     control: str = "tokenbus.control"
+    # Messages no worker could serve, as they were, with a `tokenbus-reason` header.
+    dead_letter: str = "tokenbus.dead-letter"
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:
         return cls(*(prefix + name for name in cls().all()))
 
-    def all(self) -> tuple[str, str, str]:
-        return (self.requests, self.tokens, self.control)
+    def all(self) -> tuple[str, str, str, str]:
+        return (self.requests, self.tokens, self.control, self.dead_letter)
 
 
 def message_key(request_id: uuid.UUID) -> bytes:

@@ -111,7 +111,12 @@ def test_malformed_events_raise_one_error_type(value: bytes | None) -> None:
 
 def test_topics_with_prefix() -> None:
     topics = Topics.with_prefix("x.")
-    assert topics.all() == ("x.tokenbus.requests", "x.tokenbus.tokens", "x.tokenbus.control")
+    assert topics.all() == (
+        "x.tokenbus.requests",
+        "x.tokenbus.tokens",
+        "x.tokenbus.control",
+        "x.tokenbus.dead-letter",
+    )
 
 
 def test_partition_for_matches_kafkas_default_partitioner() -> None:

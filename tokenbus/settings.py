@@ -90,6 +90,9 @@ class WorkerSettings(_Settings):
     worker_id: str = Field(default_factory=_default_worker_id)
     group_id: str = "tokenbus-workers"
     max_queued: int = Field(default=8, ge=1, description="requests fetched ahead of generation")
+    max_attempts: int = Field(
+        default=3, ge=1, description="attempts at a request whose generation crashes"
+    )
     cache_dir: Path = Path.home() / ".cache" / "tokenbus"
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from relay.log import LogReader
@@ -37,7 +38,9 @@ from schemas import (
     TokenEvent,
     Usage,
     decode_request,
+    encode,
     is_terminal,
+    message_key,
 )
 from schemas.requests import ANY_MODEL
 from tokenbus.kafka import new_consumer, new_producer
@@ -50,6 +53,11 @@ from .offsets import OffsetTracker
 from .publisher import EventStream
 
 log = logging.getLogger(__name__)
+
+
+class GenerationCrashed(Exception):
+    """Generating a request raised; it is tried again under a new attempt, up to
+    ``max_attempts`` attempts in all (counted in the log)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +82,7 @@ class Worker:
         self._cancels = CancelWatcher(kafka)
         self._log = LogReader(kafka=kafka)
         self._revoked: set[TopicPartition] = set()
+        self._last_attempt = 0
         self.ready = asyncio.Event()  # set once the consumer has its partitions
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -139,7 +148,7 @@ class Worker:
         self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], error: MalformedMessage
     ) -> None:
         """A message that is not a valid request: answer on its stream if its key names
-        one, else skip it; either way report it and move on."""
+        one; either way copy it to the dead-letter topic, report it, and move on."""
         log.warning("skipping malformed request at %s@%d: %s", tp, record.offset, error)
         request_id = _request_id_from_key(record.key)
         if request_id is not None:
@@ -148,7 +157,17 @@ class Worker:
                 self._producer, self._kafka.topics.tokens, request_id, self.worker_id
             )
             await stream.failed(ErrorCode.INVALID_REQUEST, str(error))
+        await self._dead_letter(record.key, record.value, str(error), f"{tp}@{record.offset}")
         await self._commit(tp, record.offset)
+
+    async def _dead_letter(
+        self, key: bytes | None, value: bytes | None, reason: str, source: str
+    ) -> None:
+        assert self._producer is not None
+        headers = [("tokenbus-reason", reason.encode()), ("tokenbus-source", source.encode())]
+        await self._producer.send_and_wait(
+            self._kafka.topics.dead_letter, value, key=key, headers=headers
+        )
 
     # -- serving ----------------------------------------------------------------
 
@@ -158,15 +177,25 @@ class Worker:
             job = await self._queue.get()
             if job.tp in self._revoked:
                 continue  # its partition moved to another worker, which will serve it
-            stream = EventStream(
-                producer,
-                self._kafka.topics.tokens,
-                job.request.request_id,
-                self.worker_id,
-                attempt=time.time_ns() // 1_000_000,
-            )
-            await self._serve(job, stream)
+            while True:  # ends: every try is an attempt in the log, and they are limited
+                try:
+                    await self._serve(job, self._stream(producer, job))
+                    break
+                except GenerationCrashed:
+                    log.exception("generation of %s crashed; trying again under a new attempt",
+                                  job.request.request_id)  # fmt: skip
             await self._commit(job.tp, job.offset)
+
+    def _stream(self, producer: AIOKafkaProducer, job: Job) -> EventStream:
+        # Attempts only go up, also for two tries within one millisecond.
+        self._last_attempt = max(time.time_ns() // 1_000_000, self._last_attempt + 1)
+        return EventStream(
+            producer,
+            self._kafka.topics.tokens,
+            job.request.request_id,
+            self.worker_id,
+            attempt=self._last_attempt,
+        )
 
     async def _serve(self, job: Job, stream: EventStream) -> None:
         request = job.request
@@ -177,6 +206,16 @@ class Worker:
         if published and is_terminal(published[-1]):
             return  # an earlier attempt finished it; only the commit was missing
         stream.next_seq = len(published)
+        attempts = len({e.attempt for e in published})
+        if attempts >= self._settings.max_attempts:
+            # A poison pill: it crashed every worker that tried it (an exception, or
+            # the worker itself). Stop, and keep it for a person to look at.
+            message = f"gave up after {attempts} attempts at generating it; see the workers' logs"
+            await stream.failed(ErrorCode.INTERNAL_ERROR, message)
+            await self._dead_letter(
+                message_key(request.request_id), encode(request), message, f"{job.tp}@{job.offset}"
+            )
+            return
         if not published and await self._answered_without_generating(request, stream):
             return
         try:
@@ -188,11 +227,10 @@ class Worker:
                 log.info("continuing %s after seq %d", request.request_id, claimed[-1].seq)
             revoked = lambda: job.tp in self._revoked  # noqa: E731
             await self._generate(request, prompt_ids, stream, picked_up, claimed, revoked)
-        except Exception:
-            log.exception("generation of %s failed", request.request_id)
-            await stream.failed(
-                ErrorCode.INTERNAL_ERROR, "the worker failed while generating; see its log"
-            )
+        except KafkaError:
+            raise  # the broker is the problem, not the request: let the worker fail
+        except Exception as exc:
+            raise GenerationCrashed(request.request_id) from exc
 
     async def _answered_without_generating(
         self, request: GenerationRequest, stream: EventStream
