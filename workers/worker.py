@@ -220,6 +220,11 @@ class Worker:
             return
         try:
             prompt_ids = self._engine.prompt_ids(request)
+        except PromptError as exc:
+            code = ErrorCode.PROMPT_TOO_LONG if exc.too_long else ErrorCode.INVALID_REQUEST
+            await stream.failed(code, str(exc))
+            return
+        try:
             claimed = await self._claim(request, stream, published, len(prompt_ids))
             if is_terminal(claimed[-1]):
                 return
@@ -246,12 +251,6 @@ class Worker:
         elif request.expired(datetime.now(UTC)):
             await _finish_unstarted(stream, FinishReason.EXPIRED)
         else:
-            try:
-                self._engine.prompt_ids(request)
-            except PromptError as exc:
-                code = ErrorCode.PROMPT_TOO_LONG if exc.too_long else ErrorCode.INVALID_REQUEST
-                await stream.failed(code, str(exc))
-                return True
             return False
         return True
 
