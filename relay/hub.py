@@ -162,6 +162,8 @@ class StreamHub:
     def _evict(self) -> None:
         """Forget the least recently active streams nobody is listening to."""
         excess = len(self._streams) - self._max_streams
+        if excess <= 0:
+            return  # the common case, on every disconnect: no copy of the table
         for request_id in list(self._streams):
             if excess <= 0:
                 break
