@@ -184,7 +184,9 @@ def _worker(args: argparse.Namespace) -> int:
     from workers import Worker, load_model
 
     kafka = KafkaSettings()
-    settings = WorkerSettings(**_given(model=args.model, device=args.device))
+    settings = WorkerSettings(
+        **_given(model=args.model, device=args.device, max_batch=args.max_batch)
+    )
     loaded = load_model(
         settings.model,
         device=settings.device,
@@ -285,6 +287,7 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="one model worker")
     _model_flags(worker)
+    worker.add_argument("--max-batch", type=int, help="sequences at once [TOKENBUS_MAX_BATCH]")
     worker.set_defaults(run=_worker)
 
     submit = commands.add_parser("submit", help="submit a job; --follow streams it")

@@ -90,6 +90,13 @@ class WorkerSettings(_Settings):
     worker_id: str = Field(default_factory=_default_worker_id)
     group_id: str = "tokenbus-workers"
     max_queued: int = Field(default=8, ge=1, description="requests fetched ahead of generation")
+    max_batch: int = Field(default=32, ge=1, description="sequences generated at once")
+    max_batch_tokens: int = Field(
+        default=32_768, ge=1, description="KV cache tokens (prompt + max_tokens) reserved at once"
+    )
+    prefill_chunk: int = Field(
+        default=256, ge=1, description="prompt tokens prefilled per step, between decode steps"
+    )
     max_attempts: int = Field(
         default=3, ge=1, description="attempts at a request whose generation crashes"
     )

@@ -1,23 +1,25 @@
-"""The generation engine: prompt -> token steps, with a KV cache, per-request
-sampling, stop strings and incremental detokenization.
+"""The generation engine: prompt -> token steps, with per-request sampling, stop
+strings and incremental detokenization.
 
-Forward passes run in a thread so the event loop keeps publishing and polling
-while the model computes. One sequence at a time for now; the step structure
-(prefill, then one decode step per token) is what continuous batching extends.
+Every `generate()` call is one sequence in a continuously batched scheduler
+(`batching.py`): it joins the running batch when admitted and leaves it when it
+ends, while the others go on. Forward passes run in a thread, so the event loop
+keeps publishing and polling while the model computes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from schemas import FinishReason, GenerationRequest, SamplingParams
 
+from .batching import Scheduler
 from .models import LoadedModel
 from .text import IncrementalDetokenizer, StopMatcher
 
@@ -73,11 +75,43 @@ class Sampler:
 
 
 class GenerationEngine:
-    def __init__(self, loaded: LoadedModel) -> None:
+    """Generates for many requests at once; run it with ``async with engine:``.
+
+    ``max_batch`` sequences and ``max_batch_tokens`` tokens of KV cache at most;
+    prompts are prefilled ``prefill_chunk`` tokens per scheduler iteration.
+    ``ignore_eos`` is for benchmarks that need outputs of a chosen length.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch: int = 32,
+        max_batch_tokens: int = 32_768,
+        prefill_chunk: int = 256,
+        ignore_eos: bool = False,
+    ) -> None:
         self.loaded = loaded
-        self._model = loaded.model
         self._tokenizer = loaded.tokenizer
-        self._eos = _eos_ids(loaded)
+        self._eos = frozenset() if ignore_eos else _eos_ids(loaded)
+        self.scheduler = Scheduler(
+            loaded.model,
+            loaded.device,
+            max_batch=max_batch,
+            max_batch_tokens=max_batch_tokens,
+            prefill_chunk=prefill_chunk,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> GenerationEngine:
+        self._task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         tokenizer = self._tokenizer
@@ -108,7 +142,7 @@ class GenerationEngine:
         *,
         resumed: list[int] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
-    ) -> AsyncIterator[Step]:
+    ) -> AsyncGenerator[Step]:
         """Yield a step per generated token; the last step carries finish_reason.
 
         The end-of-sequence token is not yielded (it is not part of the text).
@@ -121,7 +155,6 @@ class GenerationEngine:
         they left, so the next step continues the stream where it stopped.
         """
         params = request.sampling
-        sampler = Sampler(params, self.loaded.device)
         detokenizer = IncrementalDetokenizer(self._tokenizer)
         stops = StopMatcher(params.stop)
         resumed = resumed or []
@@ -132,34 +165,35 @@ class GenerationEngine:
             yield Step(text=stops.feed(detokenizer.flush()) + stops.flush(), finish_reason=reason)
             return
 
-        logits, cache = await asyncio.to_thread(self._forward, prompt_ids + resumed, None)
-        for produced in range(len(resumed) + 1, params.max_tokens + 1):
-            if should_stop():
-                yield Step(text=stops.flush(), finish_reason=FinishReason.CANCELLED)
-                return
-            token, logprob = sampler(logits)
-            if token in self._eos:
-                yield Step(
-                    text=stops.feed(detokenizer.flush()) + stops.flush(),
-                    finish_reason=FinishReason.STOP,
-                )
-                return
-            text = stops.feed(detokenizer.push(token))
-            if stops.stopped:
-                yield Step(text, [token], logprob, FinishReason.STOP)
-                return
-            if produced == params.max_tokens:
-                tail = stops.feed(detokenizer.flush()) + stops.flush()
-                yield Step(text + tail, [token], logprob, FinishReason.LENGTH)
-                return
-            yield Step(text, [token], logprob)
-            logits, cache = await asyncio.to_thread(self._forward, [token], cache)
-
-    @torch.inference_mode()
-    def _forward(self, ids: list[int], cache: Any) -> tuple[torch.Tensor, Any]:
-        input_ids = torch.tensor([ids], device=self.loaded.device)
-        out = self._model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-        return out.logits[0, -1], out.past_key_values
+        sequence = self.scheduler.submit(
+            prompt_ids + resumed,
+            Sampler(params, self.loaded.device),
+            max_new=params.max_tokens - len(resumed),
+            stop_ids=self._eos,
+        )
+        try:
+            for produced in range(len(resumed) + 1, params.max_tokens + 1):
+                if should_stop():
+                    yield Step(text=stops.flush(), finish_reason=FinishReason.CANCELLED)
+                    return
+                token, logprob = await sequence.next()
+                if token in self._eos:
+                    yield Step(
+                        text=stops.feed(detokenizer.flush()) + stops.flush(),
+                        finish_reason=FinishReason.STOP,
+                    )
+                    return
+                text = stops.feed(detokenizer.push(token))
+                if stops.stopped:
+                    yield Step(text, [token], logprob, FinishReason.STOP)
+                    return
+                if produced == params.max_tokens:
+                    tail = stops.feed(detokenizer.flush()) + stops.flush()
+                    yield Step(text + tail, [token], logprob, FinishReason.LENGTH)
+                    return
+                yield Step(text, [token], logprob)
+        finally:
+            self.scheduler.release(sequence)
 
 
 def _eos_ids(loaded: LoadedModel) -> frozenset[int]:

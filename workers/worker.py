@@ -6,7 +6,8 @@ Two tasks share one consumer in the ``tokenbus-workers`` group:
     fetch loop   getmany() on tokenbus.requests -> decode -> bounded queue
                  (partitions paused while the queue is full, so polling never
                  stops and a long generation never triggers a rebalance)
-    serve loop   queue -> engine -> EventStream -> tokenbus.tokens,
+    serve loop   queue -> one task per request, up to max_batch at once ->
+                 engine (continuous batching) -> EventStream -> tokenbus.tokens,
                  then commit up to the lowest unfinished offset
 
 A request that cannot be served (malformed, unknown model, prompt too long, a
@@ -16,10 +17,11 @@ crash while generating) ends in a `failed` event; the worker goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -75,7 +77,12 @@ class Worker:
         self._kafka = kafka
         self._settings = settings
         self._model = model
-        self._engine = GenerationEngine(model)
+        self._engine = GenerationEngine(
+            model,
+            max_batch=settings.max_batch,
+            max_batch_tokens=settings.max_batch_tokens,
+            prefill_chunk=settings.prefill_chunk,
+        )
         self._names = {model.name, ANY_MODEL}
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._offsets = OffsetTracker()
@@ -109,7 +116,7 @@ class Worker:
             log.info(
                 "worker %s serving %s on %s", self.worker_id, self._model.name, topics.requests
             )
-            async with asyncio.TaskGroup() as tasks:
+            async with self._engine, asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._cancels.run())
                 tasks.create_task(self._fetch_loop(self._consumer))
                 tasks.create_task(self._serve_loop(self._consumer, self._producer))
@@ -173,18 +180,28 @@ class Worker:
 
     async def _serve_loop(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
         await self._cancels.caught_up.wait()  # know every earlier cancel before serving
-        while True:
-            job = await self._queue.get()
-            if job.tp in self._revoked:
-                continue  # its partition moved to another worker, which will serve it
-            while True:  # ends: every try is an attempt in the log, and they are limited
-                try:
-                    await self._serve(job, self._stream(producer, job))
-                    break
-                except GenerationCrashed:
-                    log.exception("generation of %s crashed; trying again under a new attempt",
-                                  job.request.request_id)  # fmt: skip
-            await self._commit(job.tp, job.offset)
+        # As many requests in flight as the engine batches; the fetch loop keeps
+        # max_queued more ready, so a finished one is replaced without a fetch.
+        slots = asyncio.Semaphore(self._settings.max_batch)
+        async with asyncio.TaskGroup() as tasks:
+            while True:
+                await slots.acquire()
+                job = await self._queue.get()
+                if job.tp in self._revoked:
+                    slots.release()
+                    continue  # its partition moved to another worker, which will serve it
+                served = tasks.create_task(self._serve_job(job, producer))
+                served.add_done_callback(lambda _: slots.release())
+
+    async def _serve_job(self, job: Job, producer: AIOKafkaProducer) -> None:
+        while True:  # ends: every try is an attempt in the log, and they are limited
+            try:
+                await self._serve(job, self._stream(producer, job))
+                break
+            except GenerationCrashed:
+                log.exception("generation of %s crashed; trying again under a new attempt",
+                              job.request.request_id)  # fmt: skip
+        await self._commit(job.tp, job.offset)
 
     def _stream(self, producer: AIOKafkaProducer, job: Job) -> EventStream:
         # Attempts only go up, also for two tries within one millisecond.
@@ -294,34 +311,35 @@ class Worker:
     ) -> None:
         tokens = [e for e in claimed if isinstance(e, TokenEvent)]
         resumed = [token_id for e in tokens for token_id in e.token_ids]
-        ttft_ms: float | None = None  # this attempt's; unknown when it took over mid-stream
-        completion = len(resumed)
         rid = request.request_id
         should_stop = lambda: self._cancels.cancelled(rid) is not None  # noqa: E731
         if tokens and tokens[-1].text and not tokens[-1].token_ids:
             # The previous attempt had published its closing text: only `finished` is missing.
-            steps: AsyncIterator[Step] = _single(Step(text="", finish_reason=FinishReason.STOP))
+            steps: AsyncGenerator[Step] = _single(Step(text="", finish_reason=FinishReason.STOP))
         else:
             steps = self._engine.generate(
                 request, prompt_ids, resumed=resumed, should_stop=should_stop
             )
-        async for step in steps:
-            if revoked():
-                # Our partition moved on (we froze past the session timeout, say): the
-                # new owner continues this stream. Publish nothing more.
-                log.warning("stopping %s: its partition was revoked", rid)
-                return
-            if step.token_ids or step.text:
-                if ttft_ms is None and step.token_ids:
-                    ttft_ms = (time.perf_counter() - picked_up) * 1000
-                completion += len(step.token_ids)
-                await stream.token(step.text, step.token_ids, step.logprob)
-            if step.finish_reason is not None:
-                await stream.finished(
-                    step.finish_reason,
-                    Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion),
-                    Timings(ttft_ms=ttft_ms, total_ms=(time.perf_counter() - picked_up) * 1000),
-                )
+        ttft_ms: float | None = None  # this attempt's; unknown when it took over mid-stream
+        completion = len(resumed)
+        async with contextlib.aclosing(steps):  # leaving early frees its batch slot at once
+            async for step in steps:
+                if revoked():
+                    # Our partition moved on (we froze past the session timeout, say): the
+                    # new owner continues this stream. Publish nothing more.
+                    log.warning("stopping %s: its partition was revoked", rid)
+                    return
+                if step.token_ids or step.text:
+                    if ttft_ms is None and step.token_ids:
+                        ttft_ms = (time.perf_counter() - picked_up) * 1000
+                    completion += len(step.token_ids)
+                    await stream.token(step.text, step.token_ids, step.logprob)
+                if step.finish_reason is not None:
+                    await stream.finished(
+                        step.finish_reason,
+                        Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion),
+                        Timings(ttft_ms=ttft_ms, total_ms=(time.perf_counter() - picked_up) * 1000),
+                    )
 
     async def _commit(self, tp: TopicPartition, offset: int) -> None:
         commit_at = self._offsets.finished(tp, offset)
@@ -355,7 +373,7 @@ def _ms_since(moment: datetime) -> float:
     return (datetime.now(UTC) - moment).total_seconds() * 1000
 
 
-async def _single(step: Step) -> AsyncIterator[Step]:
+async def _single(step: Step) -> AsyncGenerator[Step]:
     yield step
 
 

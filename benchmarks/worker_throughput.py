@@ -1,0 +1,227 @@
+"""Aggregate tokens/s and TTFT of the worker's engine at 1, 8 and 32 concurrent
+requests, against sequential `generate` and static padded batching measured in the
+same run, and against transformers' own continuous batching manager.
+
+    .venv/bin/python benchmarks/worker_throughput.py [--concurrency 1 8 32] [--device auto]
+
+Output lengths are drawn from an exponential distribution (mean --mean-tokens,
+clipped to 1..--max-tokens, fixed seed) and end-of-sequence is ignored, so every
+method generates exactly the same tokens' worth of work. All requests arrive at
+once; TTFT is from their arrival to their first token. Writes
+benchmarks/results/worker_throughput.json.
+
+    engine       tokenbus' GenerationEngine (workers/batching.py): continuous batching
+    sequential   transformers' generate, one request after another
+    static       transformers' generate on all requests at once, left-padded, until
+                 the longest is done (tokens past a request's own length are not counted)
+    hf_cb        transformers' ContinuousBatchingManager (init_continuous_batching)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from schemas import GenerationRequest, uuid7
+from workers import GenerationEngine, LoadedModel, load_model
+
+RESULTS = Path(__file__).parent / "results" / "worker_throughput.json"
+CACHE = Path.home() / ".cache" / "tokenbus"
+TOPICS = ["the sea", "bread", "a clock", "rain", "owls", "a city at night", "tea", "mountains"]
+
+
+def workload(n: int, mean: float, most: int, seed: int) -> list[tuple[str, int]]:
+    """n prompts of 1..4 sentences, each with an exponentially distributed length."""
+    rng = random.Random(seed)
+    return [
+        (
+            f"Write about {TOPICS[i % len(TOPICS)]}. " * (1 + i % 4),
+            min(most, max(1, round(rng.expovariate(1 / mean)))),
+        )
+        for i in range(n)
+    ]
+
+
+def summary(tokens: int, wall: float, ttfts: list[float]) -> dict[str, float]:
+    ttfts = sorted(ttfts)
+    return {
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1),
+        "ttft_p99_ms": round(ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] * 1000, 1),
+    }
+
+
+async def run_engine(model: LoadedModel, work: list[tuple[str, int]]) -> dict[str, float]:
+    async with GenerationEngine(model, ignore_eos=True) as engine:
+        requests = [
+            GenerationRequest(
+                request_id=uuid7(),
+                prompt=prompt,
+                submitted_at=datetime.now(UTC),
+                sampling={"max_tokens": n, "temperature": 0},
+            )
+            for prompt, n in work
+        ]
+        ids = [engine.prompt_ids(r) for r in requests]
+        t0 = time.perf_counter()
+
+        async def one(request: GenerationRequest, prompt: list[int]) -> tuple[int, float]:
+            first, count = 0.0, 0
+            async for step in engine.generate(request, prompt):
+                if not first and step.token_ids:
+                    first = time.perf_counter() - t0
+                count += len(step.token_ids)
+            return count, first
+
+        done = await asyncio.gather(*(one(r, p) for r, p in zip(requests, ids, strict=True)))
+        wall = time.perf_counter() - t0
+    return summary(sum(c for c, _ in done), wall, [f for _, f in done])
+
+
+def encode(model: LoadedModel, work: list[tuple[str, int]]) -> list[list[int]]:
+    return [list(model.tokenizer(prompt)["input_ids"]) for prompt, _ in work]
+
+
+class _FirstToken:
+    """A generate() streamer that notes when the first generated token arrives."""
+
+    def __init__(self) -> None:
+        self.calls, self.at = 0, 0.0
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls == 2:  # the first call carries the prompt
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+@torch.inference_mode()
+def run_sequential(model: LoadedModel, work: list[tuple[str, int]]) -> dict[str, float]:
+    t0 = time.perf_counter()
+    ttfts, tokens = [], 0
+    for ids, (_, n) in zip(encode(model, work), work, strict=True):
+        streamer = _FirstToken()
+        out = model.model.generate(
+            torch.tensor([ids], device=model.device),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            streamer=streamer,
+        )
+        tokens += out.shape[1] - len(ids)
+        ttfts.append(streamer.at - t0)
+    return summary(tokens, time.perf_counter() - t0, ttfts)
+
+
+@torch.inference_mode()
+def run_static(model: LoadedModel, work: list[tuple[str, int]]) -> dict[str, float]:
+    tokenizer = model.tokenizer
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer([prompt for prompt, _ in work], return_tensors="pt", padding=True)
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    longest = max(n for _, n in work)
+    t0 = time.perf_counter()
+    # Everyone's first token comes out of the one batched prefill.
+    model.model.generate(**batch, max_new_tokens=1, do_sample=False)
+    first = time.perf_counter() - t0
+    model.model.generate(**batch, max_new_tokens=longest, min_new_tokens=longest, do_sample=False)
+    wall = time.perf_counter() - t0 - first  # the prefill-only pass is not part of the run
+    return summary(sum(n for _, n in work), wall, [first] * len(work))
+
+
+def run_hf_continuous(model: LoadedModel, work: list[tuple[str, int]]) -> dict[str, Any]:
+    try:
+        config = GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n in work))
+        manager = model.model.init_continuous_batching(generation_config=config)
+        manager.start()
+        try:
+            manager.warmup()
+            t0 = time.perf_counter()
+            ids = [
+                manager.add_request(
+                    p, max_new_tokens=n, eos_token_id=-1, streaming=True, record_timestamps=True
+                )
+                for p, (_, n) in zip(encode(model, work), work, strict=True)
+            ]
+            firsts: dict[str, float] = {}
+            finished: dict[str, int] = {}
+            while len(finished) < len(ids):
+                out = manager.get_result(timeout=60)
+                if out is None:
+                    raise TimeoutError("no result from the manager in 60 s")
+                if out.generated_tokens and out.request_id not in firsts:
+                    firsts[out.request_id] = time.perf_counter() - t0
+                if out.is_finished():
+                    finished[out.request_id] = len(out.generated_tokens)
+            return summary(sum(finished.values()), time.perf_counter() - t0, list(firsts.values()))
+        finally:
+            manager.stop(block=True)
+    except Exception as exc:  # noqa: BLE001  # report, do not hide, why it could not be measured
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--mean-tokens", type=float, default=32)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["sequential", "static", "hf_cb"])
+    args = parser.parse_args()
+    model = load_model(cache_dir=CACHE, device=args.device)
+    asyncio.run(run_engine(model, workload(8, 16, 16, seed=0)))  # warm up: page in, pick kernels
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or '?'}",
+        "device": str(model.device)
+        + (f" ({torch.cuda.get_device_name()})" if model.device.type == "cuda" else ""),
+        "torch_threads": torch.get_num_threads(),
+        "model": model.name,
+        "dtype": str(model.model.dtype),
+        "mean_tokens": args.mean_tokens,
+        "max_tokens": args.max_tokens,
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "runs": {},
+    }
+    for n in args.concurrency:
+        work = workload(n, args.mean_tokens, args.max_tokens, seed=n)
+        run: dict[str, Any] = {"engine": asyncio.run(run_engine(model, work))}
+        if "sequential" not in args.skip:
+            run["sequential"] = run_sequential(model, work)
+        if "static" not in args.skip:
+            run["static"] = run_static(model, work)
+        if "hf_cb" not in args.skip:
+            run["hf_cb"] = run_hf_continuous(model, work)
+        if "sequential" in run:
+            base = run["sequential"]["tokens_per_s"]
+            run["speedup_vs_sequential"] = {
+                k: round(v["tokens_per_s"] / base, 2)
+                for k, v in run.items()
+                if isinstance(v, dict) and "tokens_per_s" in v
+            }
+        results["runs"][str(n)] = run
+        print(n, json.dumps(run, indent=1), flush=True)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The continuously batched engine with the real SmolLM2: what it generates for a
+sequence does not depend on which others share the batch, or when they come and go."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import torch
+
+from schemas import FinishReason, GenerationRequest, uuid7
+from workers import GenerationEngine, LoadedModel
+from workers.engine import Step
+
+PROMPTS = [
+    "Hi",
+    "Write a long story about a dragon who loves tea and lives in the mountains above a "
+    "small village, where the villagers bring it cakes every spring.",
+    "1 2 3 4 5",
+    "What is the capital of France? Answer:",
+    "The quick brown fox",
+    "Les fleurs du jardin sont",
+    "def fibonacci(n):",
+    "Once upon a time",
+]
+
+
+def request(prompt: str, max_tokens: int, **sampling: Any) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=uuid7(),
+        prompt=prompt,
+        submitted_at=datetime.now(UTC),
+        sampling={"max_tokens": max_tokens, "temperature": 0, **sampling},
+    )
+
+
+def plain_generate(model: LoadedModel, ids: list[int], max_tokens: int) -> list[int]:
+    """transformers' own generate, one sequence alone, up to its end-of-sequence."""
+    with torch.inference_mode():
+        out = model.model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)
+    tokens: list[int] = out[0, len(ids) :].tolist()
+    eos = model.tokenizer.eos_token_id
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+async def steps_of(
+    engine: GenerationEngine, req: GenerationRequest, started: asyncio.Event | None = None
+) -> list[Step]:
+    steps = []
+    async for step in engine.generate(req, engine.prompt_ids(req)):
+        steps.append(step)
+        if started is not None:
+            started.set()
+    return steps
+
+
+def token_ids(steps: list[Step]) -> list[int]:
+    return [token for step in steps for token in step.token_ids]
+
+
+async def test_greedy_output_equals_plain_generate_while_sequences_come_and_go(
+    smollm: LoadedModel,
+) -> None:
+    # A small prefill chunk, so the long prompt is prefilled over several steps
+    # while the others decode; each sequence arrives once the previous one has
+    # produced a token, and they have different lengths, so they also leave apart.
+    requests = [request(p, max_tokens=6 + 3 * i) for i, p in enumerate(PROMPTS)]
+    async with GenerationEngine(smollm, prefill_chunk=8) as engine:
+        tasks = []
+        for req in requests:
+            started = asyncio.Event()
+            tasks.append(asyncio.create_task(steps_of(engine, req, started)))
+            await started.wait()
+        results = await asyncio.gather(*tasks)
+
+    for req, steps in zip(requests, results, strict=True):
+        expected = plain_generate(smollm, engine.prompt_ids(req), req.sampling.max_tokens)
+        assert token_ids(steps) == expected, req.prompt
+        assert steps[-1].finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+
+
+async def test_a_seeded_request_samples_the_same_alone_and_in_a_batch(
+    smollm: LoadedModel,
+) -> None:
+    seeded = request("Tell me about the moon.", max_tokens=16, temperature=0.9, seed=1234)
+    async with GenerationEngine(smollm) as engine:
+        alone = await steps_of(engine, seeded)
+        others = [request(p, max_tokens=12, temperature=1.0) for p in PROMPTS]
+        together = await asyncio.gather(
+            steps_of(engine, seeded), *(steps_of(engine, r) for r in others)
+        )
+    assert token_ids(alone) == token_ids(together[0])
+    assert len(token_ids(alone)) >= 8  # a real sample, not an early end-of-sequence
+
+
+@pytest.mark.parametrize(
+    ("caps", "most"),
+    [({"max_batch": 3}, 3), ({"max_batch_tokens": 2 * 40}, 2)],
+    ids=["sequences", "tokens"],
+)
+async def test_the_batch_never_exceeds_its_caps(
+    smollm: LoadedModel, caps: dict[str, int], most: int
+) -> None:
+    # Every request reserves prompt (~5-8 tokens) + 30 tokens, so two fit in 80.
+    requests = [request(p, max_tokens=30) for p in PROMPTS[2:8]]
+    async with GenerationEngine(smollm, ignore_eos=True, **caps) as engine:
+        seen: list[int] = []
+
+        async def run(req: GenerationRequest) -> list[Step]:
+            steps = []
+            async for step in engine.generate(req, engine.prompt_ids(req)):
+                seen.append(engine.scheduler.in_flight)
+                steps.append(step)
+            return steps
+
+        results = await asyncio.gather(*(run(r) for r in requests))
+    assert max(seen) == most
+    assert all(len(token_ids(steps)) == 30 for steps in results)
+
+
+async def test_a_sequence_that_stops_early_leaves_the_others_unchanged(
+    smollm: LoadedModel,
+) -> None:
+    requests = [request(p, max_tokens=20) for p in PROMPTS[:4]]
+    cancelled = request(PROMPTS[4], max_tokens=200)
+    async with GenerationEngine(smollm, ignore_eos=True) as engine:
+        produced = 0
+
+        def stop_after_five() -> bool:
+            return produced >= 5
+
+        async def run_cancelled() -> list[Step]:
+            nonlocal produced
+            steps = []
+            prompt = engine.prompt_ids(cancelled)
+            async for step in engine.generate(cancelled, prompt, should_stop=stop_after_five):
+                produced += len(step.token_ids)
+                steps.append(step)
+            return steps
+
+        stopped, *results = await asyncio.gather(
+            run_cancelled(), *(steps_of(engine, r) for r in requests)
+        )
+        assert engine.scheduler.in_flight == 0
+    assert stopped[-1].finish_reason == FinishReason.CANCELLED
+    assert len(token_ids(stopped)) == 5
+    for req, steps in zip(requests, results, strict=True):
+        tokens = token_ids(steps)
+        assert len(tokens) == 20
+        expected = plain_generate(smollm, engine.prompt_ids(req), 20)
+        assert tokens[: len(expected)] == expected
+
+
+async def test_resumed_tokens_are_prefilled_not_generated_again(smollm: LoadedModel) -> None:
+    req = request("Write one sentence about rivers.", max_tokens=16)
+    async with GenerationEngine(smollm) as engine:
+        ids = engine.prompt_ids(req)
+        whole = token_ids(await steps_of(engine, req))
+        steps = [s async for s in engine.generate(req, ids, resumed=whole[:7])]
+    assert whole[:7] + token_ids(steps) == whole
