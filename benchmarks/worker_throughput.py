@@ -4,17 +4,20 @@ same run, and against transformers' own continuous batching manager.
 
     .venv/bin/python benchmarks/worker_throughput.py [--concurrency 1 8 32] [--device auto]
 
-Output lengths are drawn from an exponential distribution (mean --mean-tokens,
-clipped to 1..--max-tokens, fixed seed) and end-of-sequence is ignored, so every
-method generates exactly the same tokens' worth of work. All requests arrive at
-once; TTFT is from their arrival to their first token. Writes
-benchmarks/results/worker_throughput.json.
+One workload for every method: --requests prompts of 1 to 4 sentences, with output
+lengths drawn from an exponential distribution (mean --mean-tokens, clipped to
+1..--max-tokens, fixed seed); end-of-sequence is ignored, so every method does the
+same work. "N concurrent" is a closed loop: N requests in flight, the next one
+issued when one finishes. TTFT is from a request's issue to its first token.
+Writes benchmarks/results/worker_throughput.json.
 
     engine       tokenbus' GenerationEngine (workers/batching.py): continuous batching
-    sequential   transformers' generate, one request after another
-    static       transformers' generate on all requests at once, left-padded, until
-                 the longest is done (tokens past a request's own length are not counted)
-    hf_cb        transformers' ContinuousBatchingManager (init_continuous_batching)
+    sequential   transformers' generate, one request after another (N = 1 always)
+    static       transformers' generate on N requests at a time, left-padded, each
+                 batch running until its longest is done (tokens past a request's
+                 own length are not counted)
+    hf_cb        transformers' ContinuousBatchingManager (init_continuous_batching),
+                 at most N requests per batch; TTFT not measured
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from schemas import GenerationRequest, uuid7
 from workers import GenerationEngine, LoadedModel, load_model
@@ -65,7 +69,10 @@ def summary(tokens: int, wall: float, ttfts: list[float]) -> dict[str, float]:
     }
 
 
-async def run_engine(model: LoadedModel, work: list[tuple[str, int]]) -> dict[str, float]:
+async def run_engine(
+    model: LoadedModel, work: list[tuple[str, int]], concurrency: int
+) -> dict[str, float]:
+    slots = asyncio.Semaphore(concurrency)
     async with GenerationEngine(model, ignore_eos=True) as engine:
         requests = [
             GenerationRequest(
@@ -80,12 +87,13 @@ async def run_engine(model: LoadedModel, work: list[tuple[str, int]]) -> dict[st
         t0 = time.perf_counter()
 
         async def one(request: GenerationRequest, prompt: list[int]) -> tuple[int, float]:
-            first, count = 0.0, 0
-            async for step in engine.generate(request, prompt):
-                if not first and step.token_ids:
-                    first = time.perf_counter() - t0
-                count += len(step.token_ids)
-            return count, first
+            async with slots:
+                issued, first, count = time.perf_counter(), 0.0, 0
+                async for step in engine.generate(request, prompt):
+                    if not first and step.token_ids:
+                        first = time.perf_counter() - issued
+                    count += len(step.token_ids)
+                return count, first
 
         done = await asyncio.gather(*(one(r, p) for r, p in zip(requests, ids, strict=True)))
         wall = time.perf_counter() - t0
@@ -116,7 +124,7 @@ def run_sequential(model: LoadedModel, work: list[tuple[str, int]]) -> dict[str,
     t0 = time.perf_counter()
     ttfts, tokens = [], 0
     for ids, (_, n) in zip(encode(model, work), work, strict=True):
-        streamer = _FirstToken()
+        issued, streamer = time.perf_counter(), _FirstToken()
         out = model.model.generate(
             torch.tensor([ids], device=model.device),
             max_new_tokens=n,
@@ -125,53 +133,73 @@ def run_sequential(model: LoadedModel, work: list[tuple[str, int]]) -> dict[str,
             streamer=streamer,
         )
         tokens += out.shape[1] - len(ids)
-        ttfts.append(streamer.at - t0)
+        ttfts.append(streamer.at - issued)
     return summary(tokens, time.perf_counter() - t0, ttfts)
 
 
 @torch.inference_mode()
-def run_static(model: LoadedModel, work: list[tuple[str, int]]) -> dict[str, float]:
+def run_static(
+    model: LoadedModel, work: list[tuple[str, int]], concurrency: int
+) -> dict[str, float]:
     tokenizer = model.tokenizer
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer([prompt for prompt, _ in work], return_tensors="pt", padding=True)
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-    longest = max(n for _, n in work)
-    t0 = time.perf_counter()
-    # Everyone's first token comes out of the one batched prefill.
-    model.model.generate(**batch, max_new_tokens=1, do_sample=False)
-    first = time.perf_counter() - t0
-    model.model.generate(**batch, max_new_tokens=longest, min_new_tokens=longest, do_sample=False)
-    wall = time.perf_counter() - t0 - first  # the prefill-only pass is not part of the run
-    return summary(sum(n for _, n in work), wall, [first] * len(work))
+    wall, ttfts = 0.0, []
+    for start in range(0, len(work), concurrency):
+        group = work[start : start + concurrency]
+        batch = tokenizer([prompt for prompt, _ in group], return_tensors="pt", padding=True)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        longest = max(n for _, n in group)
+        t0 = time.perf_counter()
+        # Everyone's first token comes out of the one batched prefill.
+        model.model.generate(**batch, max_new_tokens=1, do_sample=False)
+        ttfts += [time.perf_counter() - t0] * len(group)
+        t0 = time.perf_counter()
+        model.model.generate(
+            **batch, max_new_tokens=longest, min_new_tokens=longest, do_sample=False
+        )
+        wall += time.perf_counter() - t0
+    return summary(sum(n for _, n in work), wall, ttfts)
 
 
-def run_hf_continuous(model: LoadedModel, work: list[tuple[str, int]]) -> dict[str, Any]:
+def run_hf_continuous(
+    model: LoadedModel, work: list[tuple[str, int]], concurrency: int
+) -> dict[str, Any]:
     try:
         config = GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n in work))
-        manager = model.model.init_continuous_batching(generation_config=config)
+        # Sized like the engine's defaults; left to itself, on a CPU it sizes its paged
+        # cache from free memory, and on this machine the kernel killed it for that.
+        sizes = ContinuousBatchingConfig(
+            num_blocks=128, max_batch_tokens=256, max_requests_per_batch=concurrency
+        )
+        manager = model.model.init_continuous_batching(
+            generation_config=config, continuous_batching_config=sizes
+        )
         manager.start()
         try:
-            manager.warmup()
+            # No manager.warmup(): on this CPU it leaves the manager failing every
+            # request ("cannot reshape tensor of 0 elements"); the process is warm anyway.
             t0 = time.perf_counter()
             ids = [
-                manager.add_request(
-                    p, max_new_tokens=n, eos_token_id=-1, streaming=True, record_timestamps=True
-                )
+                manager.add_request(p, max_new_tokens=n, eos_token_id=-1)
                 for p, (_, n) in zip(encode(model, work), work, strict=True)
             ]
-            firsts: dict[str, float] = {}
             finished: dict[str, int] = {}
             while len(finished) < len(ids):
-                out = manager.get_result(timeout=60)
+                out = manager.get_result(timeout=120)
                 if out is None:
-                    raise TimeoutError("no result from the manager in 60 s")
-                if out.generated_tokens and out.request_id not in firsts:
-                    firsts[out.request_id] = time.perf_counter() - t0
+                    raise TimeoutError("no result from the manager in 120 s")
+                if out.error:
+                    raise RuntimeError(out.error)
                 if out.is_finished():
                     finished[out.request_id] = len(out.generated_tokens)
-            return summary(sum(finished.values()), time.perf_counter() - t0, list(firsts.values()))
+            tokens, wall = sum(finished.values()), time.perf_counter() - t0
+            return {
+                "tokens": tokens,
+                "wall_s": round(wall, 3),
+                "tokens_per_s": round(tokens / wall, 1),
+            }
         finally:
             manager.stop(block=True)
     except Exception as exc:  # noqa: BLE001  # report, do not hide, why it could not be measured
@@ -181,13 +209,17 @@ def run_hf_continuous(model: LoadedModel, work: list[tuple[str, int]]) -> dict[s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--mean-tokens", type=float, default=32)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--mean-tokens", type=float, default=24)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["sequential", "static", "hf_cb"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["static", "hf_cb"])
     args = parser.parse_args()
     model = load_model(cache_dir=CACHE, device=args.device)
-    asyncio.run(run_engine(model, workload(8, 16, 16, seed=0)))  # warm up: page in, pick kernels
+    work = workload(args.requests, args.mean_tokens, args.max_tokens, seed=0)
+    asyncio.run(run_engine(model, workload(8, 16, 16, seed=1), 8))  # warm up: page in weights
+    sequential = run_sequential(model, work)
+    print("sequential", sequential, flush=True)
     results: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or '?'}",
         "device": str(model.device)
@@ -195,29 +227,27 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "model": model.name,
         "dtype": str(model.model.dtype),
+        "requests": args.requests,
+        "output_tokens": sum(n for _, n in work),
         "mean_tokens": args.mean_tokens,
         "max_tokens": args.max_tokens,
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "runs": {},
+        "sequential": sequential,
+        "concurrent": {},
     }
     for n in args.concurrency:
-        work = workload(n, args.mean_tokens, args.max_tokens, seed=n)
-        run: dict[str, Any] = {"engine": asyncio.run(run_engine(model, work))}
-        if "sequential" not in args.skip:
-            run["sequential"] = run_sequential(model, work)
+        run: dict[str, Any] = {"engine": asyncio.run(run_engine(model, work, n))}
         if "static" not in args.skip:
-            run["static"] = run_static(model, work)
+            run["static"] = run_static(model, work, n)
         if "hf_cb" not in args.skip:
-            run["hf_cb"] = run_hf_continuous(model, work)
-        if "sequential" in run:
-            base = run["sequential"]["tokens_per_s"]
-            run["speedup_vs_sequential"] = {
-                k: round(v["tokens_per_s"] / base, 2)
-                for k, v in run.items()
-                if isinstance(v, dict) and "tokens_per_s" in v
-            }
-        results["runs"][str(n)] = run
-        print(n, json.dumps(run, indent=1), flush=True)
+            run["hf_cb"] = run_hf_continuous(model, work, n)
+        run["speedup_vs_sequential"] = {
+            k: round(v["tokens_per_s"] / sequential["tokens_per_s"], 2)
+            for k, v in run.items()
+            if "tokens_per_s" in v
+        }
+        results["concurrent"][str(n)] = run
+        print(n, json.dumps(run), flush=True)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS}")

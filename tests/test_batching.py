@@ -160,3 +160,24 @@ async def test_resumed_tokens_are_prefilled_not_generated_again(smollm: LoadedMo
         whole = token_ids(await steps_of(engine, req))
         steps = [s async for s in engine.generate(req, ids, resumed=whole[:7])]
     assert whole[:7] + token_ids(steps) == whole
+
+
+async def test_a_failed_forward_pass_fails_its_sequences_and_the_engine_goes_on(
+    smollm: LoadedModel,
+) -> None:
+    async with GenerationEngine(smollm, ignore_eos=True) as engine:
+        model, calls = engine.scheduler._model, 0
+
+        def fails_on_the_third_call(**inputs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                raise RuntimeError("injected failure")
+            return model(**inputs)
+
+        engine.scheduler._model = fails_on_the_third_call
+        with pytest.raises(RuntimeError, match="injected failure"):
+            await steps_of(engine, request("Hi there", max_tokens=10))
+        after = await steps_of(engine, request("Hi there", max_tokens=10))
+        assert engine.scheduler.in_flight == 0
+    assert len(token_ids(after)) == 10

@@ -132,12 +132,12 @@ class Scheduler:
                     await asyncio.to_thread(self._iterate)
                 except Exception as exc:
                     log.exception("a forward pass failed; failing the sequences in it")
-                    self._fail_all(exc)
+                    self._fail(exc, waiting=False)
                     continue
                 self._deliver()
         finally:
             self._stopped = True
-            self._fail_all(EngineStopped("the engine stopped"))
+            self._fail(EngineStopped("the engine stopped"), waiting=True)
 
     # -- the asyncio side: runs only while no forward pass is in flight ----------
 
@@ -169,11 +169,15 @@ class Scheduler:
             if not sequence.done:
                 self._batch.join(sequence)
 
-    def _fail_all(self, error: BaseException) -> None:
-        for sequence in [*self._waiting, *self._prefilling, *self._batch.rows]:
+    def _fail(self, error: BaseException, *, waiting: bool) -> None:
+        """Fail the sequences in flight, and the waiting ones too if ``waiting``."""
+        failed = [*self._prefilling, *self._batch.rows]
+        if waiting:
+            failed += self._waiting
+            self._waiting.clear()
+        for sequence in failed:
             sequence.done = True
             sequence.tokens.put_nowait(error)
-        self._waiting.clear()
         self._prefilling = []
         self._batch = _Batch(self._device)
 
