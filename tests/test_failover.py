@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -62,8 +63,11 @@ async def stream_killing_the_worker(
     async for event in client.stream(request_id):  # type: ignore[arg-type]
         events.append(event)
         if event.seq == kill_after_seq:
-            assert isinstance(events[0], StartedEvent)
-            os.kill(pid_of(events[0].worker), signal.SIGKILL)
+            # The worker generating it now: not always the one that started it, as
+            # the second worker's join may have moved the partition before (eager
+            # rebalancing; the takeover is correct, and also checked below).
+            assert isinstance(event, TokenEvent)
+            os.kill(pid_of(event.worker), signal.SIGKILL)
     return events
 
 
@@ -78,7 +82,7 @@ def greedy_continuation(
     return [t for t in generated if t != eos]
 
 
-@pytest.mark.parametrize("kill_after_seq", [2, 7, 13])
+@pytest.mark.parametrize("kill_after_seq", [3, 11])
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.9, "seed": 7}],
                          ids=["greedy", "seeded"])  # fmt: skip
 async def test_killed_worker_is_continued_without_gap_or_duplicate(
@@ -96,25 +100,27 @@ async def test_killed_worker_is_continued_without_gap_or_duplicate(
 
     assert_complete(events)
     assert isinstance(events[-1], FinishedEvent)
-    started = [e for e in events if isinstance(e, StartedEvent)]
-    assert len(started) == 1
-    first_worker = started[0].worker
+    assert len([e for e in events if isinstance(e, StartedEvent)]) == 1
     tokens = [e for e in events if isinstance(e, TokenEvent)]
-    before = [t for t in tokens if t.worker == first_worker]
-    after = [t for t in tokens if t.worker != first_worker]
-    assert len(before) >= kill_after_seq and after, "the other worker did not take it over"
-    assert tokens == before + after  # the takeover continued, it did not interleave
+    killed = events[kill_after_seq].worker
+    # Runs of tokens by one worker: each worker's run ends when another takes over,
+    # and a superseded worker never comes back (a takeover continues, it does not
+    # interleave). The killed worker's run is followed by another's.
+    runs = [worker for worker, _ in itertools.groupby(t.worker for t in tokens)]
+    assert len(runs) == len(set(runs)), runs
+    assert killed in runs and runs[-1] != killed, "the other worker did not take it over"
     ids = [i for t in tokens for i in t.token_ids]
     assert events[-1].usage.completion_tokens == len(ids)
     assert text_of(events) == smollm.tokenizer.decode(ids, skip_special_tokens=True)
     if sampling["temperature"] == 0:
+        # The survivor's tokens are what the model generates from prompt + prefix.
         prompt = smollm.tokenizer.apply_chat_template(
             CHAT, add_generation_prompt=True, tokenize=False
         )
         prompt_ids = smollm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        prefix = [i for t in before for i in t.token_ids]
+        prefix = [i for t in tokens if t.worker != runs[-1] for i in t.token_ids]
         expected = greedy_continuation(smollm, prompt_ids, prefix, 60 - len(prefix))
-        assert [i for t in after for i in t.token_ids] == expected
+        assert ids[len(prefix) :] == expected
 
 
 async def raw_events(kafka: KafkaSettings, request_id: object) -> list[StreamEvent]:
