@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import psycopg
+from aiokafka import AIOKafkaProducer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consumers.audit import (
+    AuditConsumer,
     AuditStats,
     AuditStore,
     Checkpointer,
     Ingest,
     StreamStates,
+    open_store,
 )
 from schemas import (
     FinishedEvent,
@@ -30,8 +34,11 @@ from schemas import (
     Topics,
     Usage,
     encode,
+    message_key,
     uuid7,
 )
+from tokenbus.kafka import new_producer
+from tokenbus.settings import AuditSettings, KafkaSettings
 
 POSTGRES_URL = os.environ.get("TOKENBUS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 TOPICS = Topics()
@@ -149,3 +156,65 @@ def ingest(
 
 def checkpoint(store: AuditStore, key: Ed25519PrivateKey) -> None:
     Checkpointer(store=store, key=key).checkpoint()
+
+
+class Published:
+    """Produces to the test's topics and remembers each partition's end offset."""
+
+    def __init__(self, producer: AIOKafkaProducer, kafka: KafkaSettings) -> None:
+        self._producer = producer
+        self.topics = kafka.topics
+        self.ends: dict[tuple[str, int], int] = {}
+
+    async def send(self, topic: str, request_id: uuid.UUID, value: bytes | None) -> None:
+        meta = await self._producer.send_and_wait(topic, value, key=message_key(request_id))
+        position = (meta.topic, meta.partition)
+        self.ends[position] = max(self.ends.get(position, 0), meta.offset + 1)
+
+    async def request(self, request: GenerationRequest) -> None:
+        await self.send(self.topics.requests, request.request_id, encode(request))
+
+    async def events(self, events: Sequence[StreamEvent]) -> None:
+        for event in events:
+            await self.send(self.topics.tokens, event.request_id, encode(event))
+
+    def reached_by(self, positions: dict[tuple[str, int], int]) -> bool:
+        return all(positions.get(p, 0) >= end for p, end in self.ends.items())
+
+
+@contextlib.asynccontextmanager
+async def publishing(kafka: KafkaSettings) -> AsyncIterator[Published]:
+    producer = new_producer(kafka)
+    await producer.start()
+    try:
+        yield Published(producer, kafka)
+    finally:
+        await producer.stop()
+
+
+@contextlib.asynccontextmanager
+async def auditing(
+    kafka: KafkaSettings,
+    store_url: str,
+    key: Ed25519PrivateKey,
+    *,
+    from_beginning: bool = False,
+) -> AsyncIterator[AuditConsumer]:
+    """A real audit consumer in this process; stopped (cleanly) on the way out."""
+    settings = AuditSettings(store=store_url, group_id=f"{kafka.topic_prefix}audit")
+    consumer = AuditConsumer(
+        kafka=kafka, settings=settings, store=open_store(store_url), key=key,
+        from_beginning=from_beginning,
+    )  # fmt: skip
+    task = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(60):
+            ready = asyncio.create_task(consumer.ready.wait())
+            await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()
+        yield consumer
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
