@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -28,12 +29,13 @@ from tokenbus.settings import AuditSettings, KafkaSettings
 from .checkpoints import Checkpointer
 from .ingest import AuditStats, Ingest, StreamStates
 from .keys import public_key_hex
-from .records import Batch, Position
+from .records import Position
 from .store import AuditStore
 
 log = logging.getLogger(__name__)
 
 _FETCH_TIMEOUT_MS = 200
+_GROUP_COMMIT_EVERY_S = 5.0  # group offsets are for lag monitoring: no need to be current
 
 _T = TypeVar("_T")
 
@@ -85,6 +87,7 @@ class AuditConsumer:
         )
         self.positions: dict[Position, int] = {}  # next offset, as committed to the store
         self.ready = asyncio.Event()  # set once it is assigned and positioned
+        self._group_committed = time.monotonic()
 
     async def run(self) -> None:
         await _blocking(self._store.open)
@@ -94,6 +97,7 @@ class AuditConsumer:
                 self.ready.set()
                 await self._consume(consumer)
             finally:
+                await self._commit_group(consumer)
                 await consumer.stop()
         finally:
             await self._final_checkpoint()
@@ -151,24 +155,28 @@ class AuditConsumer:
             )
             records = [record for batch in fetched.values() for record in batch]
             if records:
-                batch = await _blocking(functools.partial(self._write, records))
-                await self._commit_group(consumer, batch)
+                await _blocking(functools.partial(self._write, records))
+            if time.monotonic() - self._group_committed >= _GROUP_COMMIT_EVERY_S:
+                await self._commit_group(consumer)
             if self._checkpointer.due():
                 await self._checkpoint()
 
-    def _write(self, records: list[ConsumerRecord[bytes, bytes]]) -> Batch:
+    def _write(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         batch = self._ingest.build(records)
         self._store.write(batch)
         self._ingest.committed(batch)
         self._checkpointer.written(len(batch.events) + len(batch.requests))
         self.positions.update(batch.positions)
-        return batch
 
-    async def _commit_group(self, consumer: AIOKafkaConsumer, batch: Batch) -> None:
-        offsets = {TopicPartition(t, p): offset for (t, p), offset in batch.positions.items()}
+    async def _commit_group(self, consumer: AIOKafkaConsumer) -> None:
+        """Best effort, and never while cancelled halfway: the store holds the positions."""
+        self._group_committed = time.monotonic()
+        offsets = {TopicPartition(t, p): offset for (t, p), offset in self.positions.items()}
+        if not offsets:
+            return
         try:
-            await consumer.commit(offsets)
-        except KafkaError as exc:  # secondary: the store holds the positions
+            await asyncio.shield(asyncio.wait_for(consumer.commit(offsets), timeout=5))
+        except (KafkaError, TimeoutError) as exc:
             log.debug("could not commit the audit group's offsets: %s", exc)
 
     async def _checkpoint(self) -> None:
