@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from consumers.audit import AuditStore, open_store, verify
+from consumers.audit import AuditStore, Batch, open_store, verify
 from schemas import StreamEvent, encode, uuid7
 from tokenbus.settings import KafkaSettings, kafka_env
 
@@ -156,3 +156,27 @@ async def test_killed_mid_ingest_and_restarted_no_duplicate_no_gap(
         report = verify(store, key.public_key())
         assert report.clean, report.findings
         assert (report.records, report.uncovered) == (total, 0)  # checkpointed on SIGINT
+
+
+async def test_a_log_younger_than_the_store_is_read_from_its_start(
+    kafka: KafkaSettings, tmp_path: Path
+) -> None:
+    """The embedded broker keeps its log in memory: after a restart the store's
+    positions lie past the end of the new log, which must be read from offset 0."""
+    key = Ed25519PrivateKey.generate()
+    url = str(tmp_path / "audit.db")
+    with open_store(url) as store:
+        store.write(Batch(positions={
+            (topic, partition): 1000
+            for topic in (kafka.topics.requests, kafka.topics.tokens)
+            for partition in range(kafka.partitions)
+        }))  # fmt: skip
+    request = request_message()
+    async with publishing(kafka) as log:
+        await log.request(request)
+        await log.events(stream_events(request.request_id, tokens=2))
+        async with auditing(kafka, url, key) as consumer:
+            await eventually(lambda: consumer.stats.events == 4)
+    with open_store(url) as store:
+        assert len(store.events(request.request_id)) == 4
+        assert store.request(request.request_id) is not None

@@ -127,8 +127,10 @@ class AuditConsumer:
                 offset = stored.get((tp.topic, tp.partition))
                 if offset is not None and offset > ends[tp]:
                     # A log younger than the store (the embedded broker keeps it in
-                    # memory only). Reading it all again is always safe: what the
-                    # store holds already is recognised and skipped.
+                    # memory only; Tansu does not answer out-of-range fetches). Reading
+                    # it all again is always safe: what the store holds is skipped.
+                    # (Tansu may report an end short of the last batch, which costs
+                    # only such a re-read.)
                     log.warning("%s[%d] ends before the store's position %d: reading it "
                                 "from the beginning", tp.topic, tp.partition, offset)  # fmt: skip
                     offset = None
