@@ -4,10 +4,12 @@ rule, and checkpoints that verify."""
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -77,7 +79,7 @@ def test_a_failed_write_leaves_nothing_behind(store: AuditStore) -> None:
     request_id = uuid7()
     record = EventRecord(request_id, 0, 1, "started", b"{}", b"h" * 32, 0, 0)
     batch = Batch(events=[record, record], positions={(TOPICS.tokens, 0): 2})  # duplicate key
-    with pytest.raises(Exception):  # noqa: B017 (IntegrityError of either backend)
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
         store.write(batch)
     assert store.events(request_id) == [] and store.positions() == {}
 

@@ -33,12 +33,9 @@ _CHECKPOINT = b"tokenbus.audit.checkpoint.v1\x00"
 
 def event_hash(previous: bytes, request_id: uuid.UUID, seq: int, value: bytes) -> bytes:
     """The chain hash of one token-topic record (``value``: the Kafka value bytes)."""
-    h = hashlib.sha256(_EVENT)
-    h.update(previous)
-    h.update(request_id.bytes)
-    h.update(struct.pack(">Q", seq))
-    h.update(value)
-    return h.digest()
+    return hashlib.sha256(
+        b"".join((_EVENT, previous, request_id.bytes, seq.to_bytes(8, "big"), value))
+    ).digest()
 
 
 def request_digest(request_id: uuid.UUID, value: bytes) -> bytes:

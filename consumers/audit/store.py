@@ -174,10 +174,11 @@ class AuditStore(abc.ABC):
                     ],
                 )  # fmt: skip
             if batch.events:
+                ids = {rid: str(rid) for rid in {e.request_id for e in batch.events}}
                 self._execute_many(
                     f"INSERT INTO audit_events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (str(e.request_id), e.seq, e.attempt, e.type, e.value, e.hash,
+                        (ids[e.request_id], e.seq, e.attempt, e.type, e.value, e.hash,
                          e.partition, e.offset)
                         for e in batch.events
                     ],
