@@ -223,6 +223,22 @@ def _audit_settings(args: argparse.Namespace) -> AuditSettings:
     return AuditSettings(**_given(store=args.store, public_key=getattr(args, "public_key", None)))
 
 
+def _audit_command(run: Any) -> Any:
+    """A store or key problem is a message saying what to fix, not a traceback."""
+
+    def guarded(args: argparse.Namespace) -> int:
+        from consumers.audit import AuditKeyError, StoreError
+
+        try:
+            return int(run(args))
+        except (AuditKeyError, StoreError) as exc:
+            print(f"tokenbus audit: {exc}", file=sys.stderr)
+            return 2
+
+    return guarded
+
+
+@_audit_command
 def _audit_run(args: argparse.Namespace) -> int:
     from consumers.audit import AuditConsumer, open_store, signing_key
     from consumers.audit.metrics import serve_metrics
@@ -241,12 +257,13 @@ def _audit_run(args: argparse.Namespace) -> int:
     return 0
 
 
+@_audit_command
 def _audit_verify(args: argparse.Namespace) -> int:
     from consumers.audit import open_store, verify, verifying_key
 
     settings = _audit_settings(args)
-    key, source = verifying_key(settings)
-    with open_store(settings.store) as store:
+    with open_store(settings.store, create=False) as store:
+        key, source = verifying_key(settings)
         report = verify(store, key)
     for finding in report.findings:
         print(f"TAMPERED {finding}")
@@ -259,12 +276,13 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 1 if report.findings else 0
 
 
+@_audit_command
 def _audit_show(args: argparse.Namespace) -> int:
     import uuid
 
     from consumers.audit import open_store, show
 
-    with open_store(_audit_settings(args).store) as store:
+    with open_store(_audit_settings(args).store, create=False) as store:
         shown = show(store, uuid.UUID(args.request_id))
     if shown is None:
         print(f"the audit store holds nothing of request {args.request_id}", file=sys.stderr)
@@ -273,10 +291,11 @@ def _audit_show(args: argparse.Namespace) -> int:
     return 0
 
 
+@_audit_command
 def _audit_export(args: argparse.Namespace) -> int:
     from consumers.audit import export_jsonl, open_store
 
-    with open_store(_audit_settings(args).store) as store:
+    with open_store(_audit_settings(args).store, create=False) as store:
         for line in export_jsonl(store, since=args.since, until=args.until):
             print(line)
     return 0

@@ -44,7 +44,12 @@ def show(store: AuditStore, request_id: uuid.UUID) -> str | None:
                 lines.append(f"prompt     {submitted.prompt!r}")
             for message in submitted.messages or []:
                 lines.append(f"  {message.role:>9}: {message.content!r}")
-    decoded = [decode_event(e.value) for e in events]
+    decoded = []
+    for record in events:
+        try:
+            decoded.append(decode_event(record.value))
+        except MalformedMessage as exc:  # only a tampered store holds one
+            lines.append(f"record     seq {record.seq} does not decode ({exc}): run verify")
     workers = sorted({(e.worker, e.attempt) for e in decoded})
     lines += [f"worker     {worker} (attempt {attempt})" for worker, attempt in workers]
     text = "".join(e.text for e in decoded if isinstance(e, TokenEvent))

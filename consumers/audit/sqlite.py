@@ -15,8 +15,9 @@ class SqliteStore(AuditStore):
     """WAL with ``synchronous=NORMAL``: a power cut may lose the last few committed
     batches, but their offsets go with them, so they are read from Kafka again."""
 
-    def __init__(self, *, path: Path) -> None:
+    def __init__(self, *, path: Path, create: bool = True) -> None:
         self.path = path.expanduser()
+        self._create = create
         self._db: sqlite3.Connection | None = None
 
     @property
@@ -24,6 +25,11 @@ class SqliteStore(AuditStore):
         return f"sqlite:{self.path}"
 
     def open(self) -> None:
+        if not self._create and not self.path.exists():
+            raise StoreError(
+                f"no audit store at {self.path}: give --store or TOKENBUS_AUDIT_STORE "
+                "(a SQLite path or a postgresql:// URL)"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             # Autocommit mode; transactions are explicit. Used from one thread at a

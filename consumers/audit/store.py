@@ -312,15 +312,18 @@ def _checkpoint(row: tuple[Any, ...]) -> Checkpoint:
     return Checkpoint(body, bytes(hash_), bytes(signature), bytes(public_key))
 
 
-def open_store(url: str) -> AuditStore:
-    """The store at ``url`` (not yet opened): PostgreSQL for ``postgresql://``, else SQLite."""
+def open_store(url: str, *, create: bool = True) -> AuditStore:
+    """The store at ``url`` (not yet opened): PostgreSQL for ``postgresql://``, else SQLite.
+
+    ``create=False`` (the tools): a SQLite file that does not exist is an error, not
+    a new empty store."""
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore
 
         return PostgresStore(url=url)
     from .sqlite import SqliteStore
 
-    return SqliteStore(path=sqlite_path(url))
+    return SqliteStore(path=sqlite_path(url), create=create)
 
 
 def sqlite_path(url: str) -> Path:
