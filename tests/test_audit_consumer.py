@@ -126,24 +126,26 @@ async def test_killed_mid_ingest_and_restarted_no_duplicate_no_gap(
     }
     total = sum(len(s) for s in streams.values())
     async with publishing(kafka) as log:
-        first = await start()
-        try:
-            for request in requests[:100]:
+
+        async def publish_all() -> None:
+            for request in requests:
                 await log.request(request)
                 await log.events(streams[request.request_id])
-            # Killed while it is ingesting (it has some, not all, of what is there).
+
+        publishing_task = asyncio.create_task(publish_all())
+        first = await start()
+        try:
+            # Killed while events are flowing and it is ingesting them.
             await eventually(lambda: stored_events(path) >= 200, within=60)
             first.kill()
             await first.wait()
         finally:
             if first.returncode is None:
                 first.kill()
-        assert 200 <= stored_events(path) < total
-        for request in requests[100:]:
-            await log.request(request)
-            await log.events(streams[request.request_id])
+        assert not publishing_task.done() and stored_events(path) < total
         second = await start()
         try:
+            await publishing_task
             await eventually(lambda: stored_events(path) == total, within=120)
         finally:
             second.send_signal(signal.SIGINT)

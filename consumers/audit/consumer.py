@@ -92,6 +92,7 @@ class AuditConsumer:
     async def run(self) -> None:
         await _blocking(self._store.open)
         try:
+            await self._checkpoint()  # what a crashed run wrote after its last checkpoint
             consumer = await self._start_consumer()
             try:
                 self.ready.set()
