@@ -296,8 +296,11 @@ def _audit_export(args: argparse.Namespace) -> int:
     from consumers.audit import export_jsonl, open_store
 
     with open_store(_audit_settings(args).store, create=False) as store:
-        for line in export_jsonl(store, since=args.since, until=args.until):
-            print(line)
+        try:
+            for line in export_jsonl(store, since=args.since, until=args.until):
+                print(line)
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

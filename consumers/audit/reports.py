@@ -42,8 +42,9 @@ def show(store: AuditStore, request_id: uuid.UUID) -> str | None:
             lines.append(f"parameters {submitted.sampling.model_dump_json()}")
             if submitted.prompt is not None:
                 lines.append(f"prompt     {submitted.prompt!r}")
-            for message in submitted.messages or []:
-                lines.append(f"  {message.role:>9}: {message.content!r}")
+            for i, message in enumerate(submitted.messages or []):
+                label = "prompt" if i == 0 else ""
+                lines.append(f"{label:<10} {message.role}: {message.content!r}")
     decoded = []
     for record in events:
         try:
