@@ -188,6 +188,13 @@ def test_a_deleted_request(store: Tampered) -> None:
     assert (finding.kind, str(finding.request_id)) == ("deleted", store.victim)
 
 
+def test_a_deleted_request_message(store: Tampered) -> None:
+    store.sql.execute("DELETE FROM audit_requests WHERE request_id = ?", (store.victim,))
+    finding = only(store.findings())
+    assert (finding.kind, str(finding.request_id), finding.seq) == ("deleted", store.victim, None)
+    assert "request message is gone" in finding.message
+
+
 def test_an_altered_request_message(store: Tampered) -> None:
     value = store.sql.execute(
         "SELECT value FROM audit_requests WHERE request_id = ?", (store.victim,)

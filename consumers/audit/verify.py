@@ -10,8 +10,8 @@ What each kind of tampering looks like, and the finding that names it:
 - an inserted or reordered record: a row whose content is another seq's event
   (``moved``), or a record after the terminal event (``inserted``);
 - a cut-off tail: fewer records than a checkpoint committed (``truncated``);
-- a deleted request: a request a checkpoint committed with none of it left
-  (``deleted``);
+- a deleted request: a request a checkpoint committed with none of it left, or
+  without its request message (``deleted``);
 - a forged or altered checkpoint: its hash, its leaves or its signature under the
   trusted public key do not hold, or it does not follow the previous one
   (``checkpoint``).
@@ -143,6 +143,9 @@ def _check_request(
         return
     if request is not None:
         _check_request_message(request, latest, bad)
+    elif latest is not None and latest.leaf.request_digest != NO_REQUEST:
+        bad("deleted", f"the request message is gone; checkpoint {latest.checkpoint} committed "
+            "it", checkpoint=latest.checkpoint)  # fmt: skip
 
     heads = _check_chain(request_id, events, bad)
     if len(report.findings) > found:
