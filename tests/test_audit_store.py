@@ -140,3 +140,29 @@ def test_checkpoints_chain_and_verify_clean(store: AuditStore, key: Ed25519Priva
     assert (report.requests, report.records, report.uncovered) == (3, 15, 0)
     other = Ed25519PrivateKey.generate().public_key()
     assert {f.kind for f in verify(store, other).findings} == {"checkpoint"}
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_events SET value = value",
+        "DELETE FROM audit_events",
+        "DELETE FROM audit_requests",
+        "UPDATE audit_checkpoints SET signature = signature",
+        "DELETE FROM audit_checkpoint_leaves",
+    ],
+)
+def test_records_and_checkpoints_cannot_be_updated_or_deleted(
+    store: AuditStore, key: Ed25519PrivateKey, statement: str
+) -> None:
+    log = SyntheticLog()
+    request = request_message()
+    log.request(request)
+    log.events(stream_events(request.request_id, tokens=1))
+    ingest(store, log.records)
+    checkpoint(store, key)
+    refused = pytest.raises((sqlite3.DatabaseError, psycopg.Error), match="append-only")
+    with refused, store._transaction():
+        store._query(statement)
+    assert len(store.events(request.request_id)) == 3
+    assert verify(store, key.public_key()).clean

@@ -18,6 +18,12 @@ from .store import AuditStore, StoreError
 
 class PostgresStore(AuditStore):
     _blob = "BYTEA"
+    _append_only = (
+        "CREATE OR REPLACE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'the audit store is append-only'; END $$",
+        "CREATE OR REPLACE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table}"
+        " FOR EACH ROW EXECUTE FUNCTION audit_append_only()",
+    )
 
     def __init__(self, *, url: str) -> None:
         self.url = url

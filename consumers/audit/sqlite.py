@@ -15,6 +15,12 @@ class SqliteStore(AuditStore):
     """WAL with ``synchronous=NORMAL``: a power cut may lose the last few committed
     batches, but their offsets go with them, so they are read from Kafka again."""
 
+    _append_only = tuple(
+        f"CREATE TRIGGER IF NOT EXISTS {{table}}_no_{action} BEFORE {action.upper()} ON {{table}}"
+        " BEGIN SELECT RAISE(ABORT, 'the audit store is append-only'); END"
+        for action in ("update", "delete")
+    )
+
     def __init__(self, *, path: Path, create: bool = True) -> None:
         self.path = path.expanduser()
         self._create = create

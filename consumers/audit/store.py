@@ -82,6 +82,13 @@ CREATE TABLE IF NOT EXISTS audit_checkpoint_leaves (
 );
 """
 
+# Records and checkpoints are never updated or deleted: the database refuses it, so
+# no mistake (or tool run against the wrong store) rewrites history. (Someone who
+# owns the database can drop these triggers: that is what the hashes are for.)
+APPEND_ONLY_TABLES = (
+    "audit_requests", "audit_events", "audit_checkpoints", "audit_checkpoint_leaves"
+)  # fmt: skip
+
 _EVENT_COLUMNS = "request_id, seq, attempt, type, value, hash, kafka_partition, kafka_offset"
 _CHECKPOINT_COLUMNS = (
     "number, previous, delta, records, requests, created_ms, hash, signature, public_key"
@@ -101,6 +108,7 @@ class AuditStore(abc.ABC):
     """Open with `open()` (or ``with``), which creates the tables if they are missing."""
 
     _blob = "BLOB"
+    _append_only: tuple[str, ...] = ()  # statements that make APPEND_ONLY_TABLES so
 
     def __enter__(self) -> Self:
         self.open()
@@ -136,6 +144,9 @@ class AuditStore(abc.ABC):
             for statement in _SCHEMA.format(blob=self._blob).split(";"):
                 if statement.strip():
                     self._query(statement)
+            for table in APPEND_ONLY_TABLES:
+                for statement in self._append_only:
+                    self._query(statement.format(table=table))
 
     # -- the consumer's side -------------------------------------------------------
 
