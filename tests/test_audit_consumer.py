@@ -168,7 +168,7 @@ async def test_a_log_younger_than_the_store_is_read_from_its_start(
     key = Ed25519PrivateKey.generate()
     url = str(tmp_path / "audit.db")
     with open_store(url) as store:
-        store.write(Batch(positions={
+        store.write(Batch(cluster=kafka.bootstrap, positions={
             (topic, partition): 1000
             for topic in (kafka.topics.requests, kafka.topics.tokens)
             for partition in range(kafka.partitions)

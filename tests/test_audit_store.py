@@ -166,3 +166,13 @@ def test_records_and_checkpoints_cannot_be_updated_or_deleted(
         store._query(statement)
     assert len(store.events(request.request_id)) == 3
     assert verify(store, key.public_key()).clean
+
+
+def test_positions_are_kept_per_cluster(store: AuditStore) -> None:
+    """Two embedded brokers (two `tokenbus up`) writing to one store never take each
+    other's offsets."""
+    store.write(Batch(cluster="127.0.0.1:9092", positions={(TOPICS.tokens, 0): 7}))
+    store.write(Batch(cluster="127.0.0.1:9093", positions={(TOPICS.tokens, 0): 3}))
+    assert store.positions("127.0.0.1:9092") == {(TOPICS.tokens, 0): 7}
+    assert store.positions("127.0.0.1:9093") == {(TOPICS.tokens, 0): 3}
+    assert store.positions("kafka:9092") == {}

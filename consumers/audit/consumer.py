@@ -78,6 +78,7 @@ class AuditConsumer:
             topics=kafka.topics,
             states=StreamStates(load=store.streams, capacity=settings.state_cache),
             stats=self.stats,
+            cluster=kafka.bootstrap,
         )
         self._checkpointer = Checkpointer(
             store=store,
@@ -121,7 +122,9 @@ class AuditConsumer:
                 for partition in sorted(consumer.partitions_for_topic(topic) or ())
             ]
             consumer.assign(assigned)
-            self.positions = await _blocking(self._store.positions)
+            self.positions = await _blocking(
+                functools.partial(self._store.positions, self._kafka.bootstrap)
+            )
             stored = {} if self._from_beginning else self.positions
             ends = await consumer.end_offsets(assigned)
             for tp in assigned:

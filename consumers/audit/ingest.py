@@ -93,8 +93,11 @@ class StreamStates:
 
 
 class Ingest:
-    def __init__(self, *, topics: Topics, states: StreamStates, stats: AuditStats) -> None:
+    def __init__(
+        self, *, topics: Topics, states: StreamStates, stats: AuditStats, cluster: str = ""
+    ) -> None:
         self._topics = topics
+        self._cluster = cluster
         self._states = states
         self.stats = stats
 
@@ -103,7 +106,7 @@ class Ingest:
 
         Nothing is changed until `committed()` is called with the batch, so a failed
         write leaves the cached states as the store has them."""
-        batch = Batch()
+        batch = Batch(cluster=self._cluster)
         decoded: list[tuple[Record, GenerationRequest | Event]] = []
         for record in records:
             batch.positions[(record.topic, record.partition)] = record.offset + 1

@@ -56,6 +56,7 @@ Position = tuple[str, int]  # (topic, partition)
 class Batch:
     """Everything one fetch adds, written in one transaction with the offsets after it."""
 
+    cluster: str = ""  # whose offsets `positions` are (the consumer's bootstrap servers)
     requests: list[RequestRecord] = field(default_factory=list)
     events: list[EventRecord] = field(default_factory=list)
     streams: dict[uuid.UUID, StreamState] = field(default_factory=dict)  # changed ones

@@ -56,10 +56,11 @@ CREATE TABLE IF NOT EXISTS audit_streams (
 CREATE INDEX IF NOT EXISTS audit_streams_dirty ON audit_streams (dirty);
 CREATE INDEX IF NOT EXISTS audit_streams_submitted ON audit_streams (submitted_ms);
 CREATE TABLE IF NOT EXISTS audit_offsets (
+    cluster TEXT NOT NULL,
     topic TEXT NOT NULL,
     kafka_partition INTEGER NOT NULL,
     next_offset BIGINT NOT NULL,
-    PRIMARY KEY (topic, kafka_partition)
+    PRIMARY KEY (cluster, topic, kafka_partition)
 );
 CREATE TABLE IF NOT EXISTS audit_checkpoints (
     number BIGINT PRIMARY KEY,
@@ -150,9 +151,16 @@ class AuditStore(abc.ABC):
 
     # -- the consumer's side -------------------------------------------------------
 
-    def positions(self) -> dict[Position, int]:
-        """The next offset to read of every partition the store has read from."""
-        rows = self._query("SELECT topic, kafka_partition, next_offset FROM audit_offsets")
+    def positions(self, cluster: str = "") -> dict[Position, int]:
+        """The next offset to read of every partition of ``cluster`` the store has read.
+
+        Offsets are per cluster (as the consumer names it: its bootstrap servers), so
+        two embedded brokers writing to one store never take each other's positions;
+        a cluster the store does not know is read from its start."""
+        rows = self._query(
+            "SELECT topic, kafka_partition, next_offset FROM audit_offsets WHERE cluster = ?",
+            (cluster,),
+        )
         return {(topic, partition): offset for topic, partition, offset in rows}
 
     def streams(self, request_ids: Collection[uuid.UUID]) -> dict[uuid.UUID, StreamState]:
@@ -208,10 +216,13 @@ class AuditStore(abc.ABC):
                     ],
                 )  # fmt: skip
             self._execute_many(
-                "INSERT INTO audit_offsets (topic, kafka_partition, next_offset) VALUES (?, ?, ?)"
-                " ON CONFLICT (topic, kafka_partition) DO UPDATE"
+                "INSERT INTO audit_offsets (cluster, topic, kafka_partition, next_offset)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (cluster, topic, kafka_partition) DO UPDATE"
                 " SET next_offset = excluded.next_offset",
-                [(topic, part, offset) for (topic, part), offset in batch.positions.items()],
+                [
+                    (batch.cluster, topic, part, offset)
+                    for (topic, part), offset in batch.positions.items()
+                ],
             )
 
     def dirty_leaves(self) -> list[Leaf]:
