@@ -86,7 +86,8 @@ class AuditConsumer:
             every_records=settings.checkpoint_every_records,
             every_s=settings.checkpoint_every_s,
         )
-        self.positions: dict[Position, int] = {}  # next offset, as committed to the store
+        # Where it stands: the next offset of each partition, as written to the store.
+        self.positions: dict[Position, int] = {}
         self.ready = asyncio.Event()  # set once it is assigned and positioned
         self._group_committed = time.monotonic()
 
@@ -122,11 +123,13 @@ class AuditConsumer:
                 for partition in sorted(consumer.partitions_for_topic(topic) or ())
             ]
             consumer.assign(assigned)
-            self.positions = await _blocking(
+            stored = await _blocking(
                 functools.partial(self._store.positions, self._kafka.bootstrap)
             )
-            stored = {} if self._from_beginning else self.positions
+            if self._from_beginning:
+                stored = {}
             ends = await consumer.end_offsets(assigned)
+            self.positions = {}
             for tp in assigned:
                 offset = stored.get((tp.topic, tp.partition))
                 if offset is not None and offset > ends[tp]:
@@ -142,6 +145,7 @@ class AuditConsumer:
                     await consumer.seek_to_beginning(tp)
                 else:
                     consumer.seek(tp, offset)
+                    self.positions[(tp.topic, tp.partition)] = offset
         except BaseException:
             await consumer.stop()
             raise
