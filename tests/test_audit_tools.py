@@ -59,3 +59,19 @@ def test_show_of_an_unknown_request_says_so(
 ) -> None:
     assert main(["audit", "show", str(uuid7()), "--store", str(store_path)]) == 1
     assert "holds nothing of request" in capsys.readouterr().err
+
+
+def test_metrics_count_what_was_stored_skipped_and_malformed() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from consumers.audit import AuditStats
+    from consumers.audit.metrics import AuditCollector
+
+    stats = AuditStats(events=7, fenced=2)
+    stats.malformed["tokenbus.tokens"] += 1
+    registry = CollectorRegistry()
+    registry.register(AuditCollector(stats))
+    text = generate_latest(registry).decode()
+    assert 'tokenbus_audit_records_stored_total{kind="event"} 7.0' in text
+    assert 'tokenbus_audit_events_not_stored_total{reason="fenced"} 2.0' in text
+    assert 'tokenbus_audit_malformed_messages_total{topic="tokenbus.tokens"} 1.0' in text
