@@ -10,7 +10,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -223,14 +224,14 @@ def _audit_settings(args: argparse.Namespace) -> AuditSettings:
     return AuditSettings(**_given(store=args.store, public_key=getattr(args, "public_key", None)))
 
 
-def _audit_command(run: Any) -> Any:
+def _audit_command(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """A store or key problem is a message saying what to fix, not a traceback."""
 
     def guarded(args: argparse.Namespace) -> int:
         from consumers.audit import AuditKeyError, StoreError
 
         try:
-            return int(run(args))
+            return run(args)
         except (AuditKeyError, StoreError) as exc:
             print(f"tokenbus audit: {exc}", file=sys.stderr)
             return 2
@@ -278,12 +279,10 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 @_audit_command
 def _audit_show(args: argparse.Namespace) -> int:
-    import uuid
-
     from consumers.audit import open_store, show
 
     with open_store(_audit_settings(args).store, create=False) as store:
-        shown = show(store, uuid.UUID(args.request_id))
+        shown = show(store, args.request_id)
     if shown is None:
         print(f"the audit store holds nothing of request {args.request_id}", file=sys.stderr)
         return 1
@@ -448,7 +447,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--public-key", help="hex or base64 [TOKENBUS_AUDIT_PUBLIC_KEY]")
     verify.set_defaults(run=_audit_verify)
     show = audits.add_parser("show", help="one request: prompt, model, workers, text, timings")
-    show.add_argument("request_id")
+    show.add_argument("request_id", type=uuid.UUID)
     show.set_defaults(run=_audit_show)
     export = audits.add_parser("export", help="records as JSON lines, by submission time")
     export.add_argument("--since", type=_when, help="ISO date or time (UTC unless given)")
