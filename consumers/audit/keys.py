@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from tokenbus.settings import AuditSettings
 
+from .store import sqlite_path
+
 log = logging.getLogger(__name__)
 
 _KEY_SIZE = 32
@@ -32,7 +34,10 @@ class AuditKeyError(ValueError):
 def _raw(text: str, what: str) -> bytes:
     text = text.strip()
     try:
-        raw = bytes.fromhex(text) if len(text) == 2 * _KEY_SIZE else base64.b64decode(text)
+        if len(text) == 2 * _KEY_SIZE:
+            raw = bytes.fromhex(text)
+        else:
+            raw = base64.b64decode(text, validate=True)
     except (ValueError, binascii.Error) as exc:
         raise AuditKeyError(f"{what} is neither 64 hex digits nor base64: {exc}") from None
     if len(raw) != _KEY_SIZE:
@@ -42,7 +47,10 @@ def _raw(text: str, what: str) -> bytes:
 
 def private_key_from_text(text: str, what: str = "the signing key") -> Ed25519PrivateKey:
     if text.lstrip().startswith("-----BEGIN"):
-        key = serialization.load_pem_private_key(text.encode(), password=None)
+        try:
+            key = serialization.load_pem_private_key(text.encode(), password=None)
+        except (ValueError, TypeError) as exc:
+            raise AuditKeyError(f"{what} is not a PEM key without a password: {exc}") from None
         if not isinstance(key, Ed25519PrivateKey):
             raise AuditKeyError(f"{what} is a PEM key but not an Ed25519 one")
         return key
@@ -127,8 +135,6 @@ def verifying_key(settings: AuditSettings) -> tuple[Ed25519PublicKey, str]:
 
 
 def default_key_file(settings: AuditSettings) -> Path | None:
-    from .store import sqlite_path
-
     if settings.store.startswith(("postgresql://", "postgres://")):
         return None
     path = sqlite_path(settings.store).expanduser()
