@@ -284,6 +284,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     events = 10_000 if args.quick else args.events
+    load_at_start = round(os.getloadavg()[0], 2)
     pg_version = postgres_available(args.postgres)
     backends = ["sqlite", "postgresql"] if pg_version else ["sqlite"]
 
@@ -303,6 +304,8 @@ def main() -> int:
     result = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine() | {"postgresql": pg_version or "not available"},
+        # The machine is shared: other work on its cores lowers these figures.
+        "load_average_1m": {"at_start": load_at_start, "at_end": round(os.getloadavg()[0], 2)},
         "quick": args.quick,
         "sizes": {
             "events": event_count,
