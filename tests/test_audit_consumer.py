@@ -94,11 +94,14 @@ async def test_rebuilt_from_the_log_the_store_matches_and_verifies(
 
 
 def stored_events(path: Path) -> int:
+    """Records in the store; -1 until the consumer has created it."""
+    if not path.exists():
+        return -1
     with sqlite3.connect(path) as db:
         try:
             return int(db.execute("SELECT COUNT(*) FROM audit_events").fetchone()[0])
         except sqlite3.OperationalError:  # not created yet
-            return 0
+            return -1
 
 
 async def test_killed_mid_ingest_and_restarted_no_duplicate_no_gap(
@@ -132,9 +135,10 @@ async def test_killed_mid_ingest_and_restarted_no_duplicate_no_gap(
                 await log.request(request)
                 await log.events(streams[request.request_id])
 
-        publishing_task = asyncio.create_task(publish_all())
         first = await start()
         try:
+            await eventually(lambda: stored_events(path) >= 0, within=60)  # it has started
+            publishing_task = asyncio.create_task(publish_all())
             # Killed while events are flowing and it is ingesting them.
             await eventually(lambda: stored_events(path) >= 200, within=60)
             first.kill()
