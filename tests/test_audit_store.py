@@ -176,3 +176,16 @@ def test_positions_are_kept_per_cluster(store: AuditStore) -> None:
     assert store.positions("127.0.0.1:9092") == {(TOPICS.tokens, 0): 7}
     assert store.positions("127.0.0.1:9093") == {(TOPICS.tokens, 0): 3}
     assert store.positions("kafka:9092") == {}
+
+
+def test_events_past_a_gap_are_not_stored_counted_and_reported_once(
+    store: AuditStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    request_id = uuid7()
+    log = SyntheticLog()
+    log.events(stream_events(request_id, tokens=4)[2:])  # seq 0 and 1 never came
+    stats = AuditStats()
+    ingest(store, log.records, stats)
+    assert store.events(request_id) == []
+    assert stats.gaps == 4
+    assert len([r for r in caplog.records if "expected seq 0" in r.getMessage()]) == 1

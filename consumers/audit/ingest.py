@@ -33,6 +33,7 @@ from .records import Batch, EventRecord, RequestRecord, StreamState
 log = logging.getLogger(__name__)
 
 Event = StartedEvent | TokenEvent | FinishedEvent | FailedEvent
+_GAP_REPORTS_KEPT = 10_000
 
 
 class Record(Protocol):
@@ -98,6 +99,7 @@ class Ingest:
     ) -> None:
         self._topics = topics
         self._cluster = cluster
+        self._gap_reported: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._states = states
         self.stats = stats
 
@@ -172,11 +174,16 @@ class Ingest:
                 self.stats.duplicates += 1
             else:
                 self.stats.gaps += 1
-                log.warning(
-                    "request %s: seq %d at %s[%d] offset %d, expected %d; not stored",
-                    state.request_id, event.seq, record.topic, record.partition, record.offset,
-                    state.next_seq,
-                )  # fmt: skip
+                if state.request_id not in self._gap_reported:  # once, not once an event
+                    self._gap_reported[state.request_id] = None
+                    if len(self._gap_reported) > _GAP_REPORTS_KEPT:
+                        self._gap_reported.popitem(last=False)
+                    log.warning(
+                        "request %s: seq %d at %s[%d] offset %d, expected seq %d; its later "
+                        "events are not stored (counted as gaps)",
+                        state.request_id, event.seq, record.topic, record.partition,
+                        record.offset, state.next_seq,
+                    )  # fmt: skip
             return
         value = record.value or b""
         state.head = event_hash(state.head, state.request_id, event.seq, value)

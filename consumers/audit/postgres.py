@@ -64,6 +64,15 @@ class PostgresStore(AuditStore):
         cursor = self._conn.execute(sql.replace("?", "%s"), params)
         return cursor.fetchall() if cursor.description is not None else []
 
+    def _insert_many(self, table: str, columns: str, rows: Sequence[Sequence[Any]]) -> None:
+        # COPY: about twice the rows per second of a pipelined INSERT.
+        with (
+            self._conn.cursor() as cursor,
+            cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                copy.write_row(row)
+
     def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         with self._conn.cursor() as cursor:
             cursor.executemany(sql.replace("?", "%s"), rows)

@@ -140,6 +140,11 @@ class AuditStore(abc.ABC):
     @abc.abstractmethod
     def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
 
+    def _insert_many(self, table: str, columns: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Append rows (a backend may do it faster than with INSERT)."""
+        marks = ", ".join("?" * len(columns.split(",")))
+        self._execute_many(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+
     def _create_tables(self) -> None:
         with self._transaction():
             for statement in _SCHEMA.format(blob=self._blob).split(";"):
@@ -183,9 +188,9 @@ class AuditStore(abc.ABC):
         """The batch's records, stream states and positions, all or nothing."""
         with self._transaction():
             if batch.requests:
-                self._execute_many(
-                    "INSERT INTO audit_requests (request_id, submitted_ms, value, digest,"
-                    " kafka_partition, kafka_offset) VALUES (?, ?, ?, ?, ?, ?)",
+                self._insert_many(
+                    "audit_requests",
+                    "request_id, submitted_ms, value, digest, kafka_partition, kafka_offset",
                     [
                         (str(r.request_id), submitted_ms(r.request_id), r.value, r.digest,
                          r.partition, r.offset)
@@ -194,8 +199,9 @@ class AuditStore(abc.ABC):
                 )  # fmt: skip
             if batch.events:
                 ids = {rid: str(rid) for rid in {e.request_id for e in batch.events}}
-                self._execute_many(
-                    f"INSERT INTO audit_events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                self._insert_many(
+                    "audit_events",
+                    _EVENT_COLUMNS,
                     [
                         (ids[e.request_id], e.seq, e.attempt, e.type, e.value, e.hash,
                          e.partition, e.offset)
