@@ -65,9 +65,6 @@ class Batch:
     streams: dict[uuid.UUID, StreamState] = field(default_factory=dict)  # changed ones
     positions: dict[Position, int] = field(default_factory=dict)  # next offset to read
 
-    def __bool__(self) -> bool:
-        return bool(self.positions)
-
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
