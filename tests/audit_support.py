@@ -201,11 +201,10 @@ async def auditing(
     from_beginning: bool = False,
 ) -> AsyncIterator[AuditConsumer]:
     """A real audit consumer in this process; stopped (cleanly) on the way out."""
-    settings = AuditSettings(store=store_url, group_id=f"{kafka.topic_prefix}audit")
-    consumer = AuditConsumer(
-        kafka=kafka, settings=settings, store=open_store(store_url), key=key,
-        from_beginning=from_beginning,
-    )  # fmt: skip
+    settings = AuditSettings(
+        store=store_url, group_id=f"{kafka.topic_prefix}audit", from_beginning=from_beginning
+    )
+    consumer = AuditConsumer(kafka=kafka, settings=settings, store=open_store(store_url), key=key)
     task = asyncio.create_task(consumer.run())
     try:
         async with asyncio.timeout(60):

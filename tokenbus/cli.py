@@ -221,7 +221,13 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _audit_settings(args: argparse.Namespace) -> AuditSettings:
-    return AuditSettings(**_given(store=args.store, public_key=getattr(args, "public_key", None)))
+    return AuditSettings(
+        **_given(
+            store=args.store,
+            public_key=getattr(args, "public_key", None),
+            from_beginning=getattr(args, "from_beginning", None) or None,
+        )
+    )
 
 
 def _audit_command(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -250,7 +256,6 @@ def _audit_run(args: argparse.Namespace) -> int:
         settings=settings,
         store=open_store(settings.store),
         key=signing_key(settings),
-        from_beginning=args.from_beginning,
     )
     if settings.metrics_port is not None:
         serve_metrics(consumer.stats, settings.metrics_port)
@@ -441,7 +446,8 @@ def _parser() -> argparse.ArgumentParser:
     audits = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
     audit_run = audits.add_parser("run", help="the audit consumer")
     audit_run.add_argument("--from-beginning", action="store_true",
-                           help="read the whole log again (rebuilds a fresh store)")  # fmt: skip
+                           help="read the whole log again (rebuilds a fresh store) "
+                                "[TOKENBUS_AUDIT_FROM_BEGINNING]")  # fmt: skip
     audit_run.set_defaults(run=_audit_run)
     verify = audits.add_parser("verify", help="check every chain and checkpoint; 1 if tampered")
     verify.add_argument("--public-key", help="hex or base64 [TOKENBUS_AUDIT_PUBLIC_KEY]")

@@ -113,6 +113,9 @@ class AuditSettings(_Settings):
         description="a SQLite file path, or a postgresql:// URL",
     )
     group_id: str = "tokenbus-audit"
+    from_beginning: bool = Field(
+        default=False, description="read the whole log again (rebuilds a fresh store)"
+    )
     signing_key: SecretStr | None = Field(default=None, description="Ed25519 seed, hex or base64")
     signing_key_file: Path | None = Field(
         default=None, description="file holding the seed; default for SQLite: <store>.key"

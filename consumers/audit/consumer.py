@@ -54,7 +54,7 @@ async def _blocking(call: Callable[[], _T]) -> _T:
 class AuditConsumer:
     """``await run()`` until cancelled; it checkpoints and closes on the way out.
 
-    ``from_beginning`` reads the whole log again, whatever the store's positions
+    ``settings.from_beginning`` reads the whole log again, whatever the store's positions
     (records it already holds are recognised and skipped): with a fresh store,
     that rebuilds it, hash for hash.
     """
@@ -66,13 +66,12 @@ class AuditConsumer:
         settings: AuditSettings,
         store: AuditStore,
         key: Ed25519PrivateKey,
-        from_beginning: bool = False,
     ) -> None:
         self._kafka = kafka
         self._settings = settings
         self._store = store
         self._key = key
-        self._from_beginning = from_beginning
+        self._from_beginning = settings.from_beginning
         self.stats = AuditStats()
         self._ingest = Ingest(
             topics=kafka.topics,
