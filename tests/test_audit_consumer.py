@@ -11,10 +11,12 @@ import sys
 import uuid
 from pathlib import Path
 
+from aiokafka import TopicPartition
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consumers.audit import AuditStore, Batch, open_store, verify
 from schemas import StreamEvent, encode, uuid7
+from tokenbus.kafka import new_consumer
 from tokenbus.settings import KafkaSettings, kafka_env
 
 from .audit_support import (
@@ -59,6 +61,14 @@ async def test_malformed_messages_are_skipped_and_counted(
             assert [e.value for e in store.events(request.request_id)] == [
                 encode(e) for e in events
             ]
+    # Stopped: its group holds the same offsets (for lag monitoring).
+    group = new_consumer(kafka, group_id=f"{kafka.topic_prefix}audit")
+    await group.start()
+    try:
+        for (topic, partition), end in log.ends.items():
+            assert await group.committed(TopicPartition(topic, partition)) == end
+    finally:
+        await group.stop()
 
 
 async def test_rebuilt_from_the_log_the_store_matches_and_verifies(
