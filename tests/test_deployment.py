@@ -35,7 +35,7 @@ def test_kafka_is_apache_kafka_in_kraft_mode(compose: dict[str, Any]) -> None:
 
 def test_every_tokenbus_service_runs_an_existing_command(compose: dict[str, Any]) -> None:
     services = tokenbus_services(compose)
-    assert {"relay", "worker", "topics"} <= set(services)
+    assert {"relay", "worker", "topics", "audit"} <= set(services)
     for name, service in services.items():
         try:
             _parser().parse_args(service["command"][1:])
@@ -57,3 +57,14 @@ def test_workers_reserve_a_gpu(compose: dict[str, Any]) -> None:
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d["capabilities"] for d in devices)
     assert "--device" in worker["command"] and "cuda" in worker["command"]
+
+
+def test_audit_writes_to_the_postgres_service_once_it_is_healthy(compose: dict[str, Any]) -> None:
+    audit = compose["services"]["audit"]
+    assert audit["command"][1:3] == ["audit", "run"]
+    store = audit["environment"]["TOKENBUS_AUDIT_STORE"]
+    assert store.startswith("postgresql://") and "@postgres:5432/" in store
+    postgres = compose["services"]["postgres"]
+    assert audit["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "healthcheck" in postgres
+    assert "TOKENBUS_AUDIT_SIGNING_KEY" in audit["environment"]  # PostgreSQL: no key file

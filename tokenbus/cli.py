@@ -10,18 +10,27 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from .children import die_with_parent
-from .settings import ClientSettings, KafkaSettings, ServerSettings, WorkerSettings, kafka_env
+from .settings import (
+    AuditSettings,
+    ClientSettings,
+    KafkaSettings,
+    ServerSettings,
+    WorkerSettings,
+    kafka_env,
+)
 
 log = logging.getLogger("tokenbus")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in {"up", "broker", "serve", "worker"}:
+    if args.command in {"up", "broker", "serve", "worker", "audit"}:
         logging.basicConfig(
             level=os.environ.get("TOKENBUS_LOG_LEVEL", "INFO"),
             format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -78,25 +87,38 @@ async def _run_stack(
     worker = await asyncio.create_subprocess_exec(
         *worker_cmd, env=os.environ | kafka_env(kafka), preexec_fn=die_with_parent
     )
+    # The audit consumer (on SQLite: TOKENBUS_AUDIT_STORE, default under ~/.local/share).
+    audit = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenbus", "audit", "run",
+        env=os.environ | kafka_env(kafka), preexec_fn=die_with_parent,
+    )  # fmt: skip
+    children = {"worker": worker, "audit consumer": audit}
     serving, uv = _start_server(kafka, server)
-    watching = asyncio.create_task(worker.wait())
+    watching = {asyncio.create_task(child.wait()): name for name, child in children.items()}
     try:
         await _announce(server, serving, since=started)
-        await asyncio.wait({serving, watching}, return_when=asyncio.FIRST_COMPLETED)
-        if watching.done():
-            log.error("the worker exited with status %s; stopping", worker.returncode)
+        await asyncio.wait({serving, *watching}, return_when=asyncio.FIRST_COMPLETED)
+        ended = [name for task, name in watching.items() if task.done()]
+        if ended:
+            log.error("the %s exited with status %s; stopping", ended[0],
+                      children[ended[0]].returncode)  # fmt: skip
             uv.should_exit = True
             await serving
             return 1
         return 0
     finally:
-        if worker.returncode is None:
-            worker.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(worker.wait(), timeout=15)
-            except TimeoutError:
-                worker.kill()
-                await worker.wait()
+        for child in children.values():
+            await _stop_child(child)
+
+
+async def _stop_child(child: asyncio.subprocess.Process) -> None:
+    if child.returncode is None:
+        child.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(child.wait(), timeout=15)
+        except TimeoutError:
+            child.kill()
+            await child.wait()
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -195,6 +217,112 @@ def _worker(args: argparse.Namespace) -> int:
     )
     asyncio.run(Worker(kafka=kafka, settings=settings, model=loaded).run())
     return 0
+
+
+# -- audit ----------------------------------------------------------------------
+
+
+def _audit_settings(args: argparse.Namespace) -> AuditSettings:
+    return AuditSettings(
+        **_given(
+            store=args.store,
+            public_key=getattr(args, "public_key", None),
+            from_beginning=getattr(args, "from_beginning", None) or None,
+        )
+    )
+
+
+def _audit_command(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A store or key problem is a message saying what to fix, not a traceback."""
+
+    def guarded(args: argparse.Namespace) -> int:
+        from consumers.audit import AuditKeyError, StoreError
+
+        try:
+            return run(args)
+        except (AuditKeyError, StoreError) as exc:
+            print(f"tokenbus audit: {exc}", file=sys.stderr)
+            return 2
+
+    return guarded
+
+
+@_audit_command
+def _audit_run(args: argparse.Namespace) -> int:
+    from consumers.audit import AuditConsumer, open_store, signing_key
+    from consumers.audit.metrics import serve_metrics
+
+    settings = _audit_settings(args)
+    consumer = AuditConsumer(
+        kafka=KafkaSettings(),
+        settings=settings,
+        store=open_store(settings.store),
+        key=signing_key(settings),
+    )
+    if settings.metrics_port is not None:
+        serve_metrics(consumer.stats, settings.metrics_port)
+    asyncio.run(consumer.run())
+    return 0
+
+
+@_audit_command
+def _audit_verify(args: argparse.Namespace) -> int:
+    from consumers.audit import open_store, verify, verifying_key
+
+    settings = _audit_settings(args)
+    with open_store(settings.store, create=False) as store:
+        key, source = verifying_key(settings)
+        report = verify(store, key)
+    for finding in report.findings:
+        print(f"TAMPERED {finding}")
+    print(
+        f"{'FAILED' if report.findings else 'OK'}: {report.requests} requests, "
+        f"{report.records} records, {report.checkpoints} checkpoints checked with the public key "
+        f"{source}; {report.uncovered} records after the last checkpoint",
+        file=sys.stderr,
+    )
+    return 1 if report.findings else 0
+
+
+@_audit_command
+def _audit_show(args: argparse.Namespace) -> int:
+    from consumers.audit import open_store, show
+
+    with open_store(_audit_settings(args).store, create=False) as store:
+        shown = show(store, args.request_id)
+    if shown is None:
+        print(f"the audit store holds nothing of request {args.request_id}", file=sys.stderr)
+        return 1
+    print(shown)
+    return 0
+
+
+@_audit_command
+def _audit_export(args: argparse.Namespace) -> int:
+    from consumers.audit import export_jsonl, open_store
+
+    with open_store(_audit_settings(args).store, create=False) as store:
+        try:
+            for line in export_jsonl(store, since=args.since, until=args.until):
+                print(line)
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _audit_keygen(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    print(f"TOKENBUS_AUDIT_SIGNING_KEY={key.private_bytes_raw().hex()}")
+    print(f"TOKENBUS_AUDIT_PUBLIC_KEY={key.public_key().public_bytes_raw().hex()}")
+    return 0
+
+
+def _when(text: str) -> datetime:
+    """A --since/--until value: an ISO date or datetime; UTC unless it says otherwise."""
+    value = datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 # -- client commands --------------------------------------------------------------
@@ -316,6 +444,28 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _url_flag(replay)
     replay.set_defaults(run=_replay)
+
+    audit = commands.add_parser("audit", help="the audit consumer and its tools")
+    audits = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    audit_run = audits.add_parser("run", help="the audit consumer")
+    audit_run.add_argument("--from-beginning", action="store_true",
+                           help="read the whole log again (rebuilds a fresh store) "
+                                "[TOKENBUS_AUDIT_FROM_BEGINNING]")  # fmt: skip
+    audit_run.set_defaults(run=_audit_run)
+    verify = audits.add_parser("verify", help="check every chain and checkpoint; 1 if tampered")
+    verify.add_argument("--public-key", help="hex or base64 [TOKENBUS_AUDIT_PUBLIC_KEY]")
+    verify.set_defaults(run=_audit_verify)
+    show = audits.add_parser("show", help="one request: prompt, model, workers, text, timings")
+    show.add_argument("request_id", type=uuid.UUID)
+    show.set_defaults(run=_audit_show)
+    export = audits.add_parser("export", help="records as JSON lines, by submission time")
+    export.add_argument("--since", type=_when, help="ISO date or time (UTC unless given)")
+    export.add_argument("--until", type=_when, help="ISO date or time, exclusive")
+    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.set_defaults(run=_audit_export)
+    audits.add_parser("keygen", help="print a new signing key pair").set_defaults(run=_audit_keygen)
+    for sub in (audit_run, verify, show, export):
+        sub.add_argument("--store", help="SQLite path or postgresql:// URL [TOKENBUS_AUDIT_STORE]")
     return parser
 
 

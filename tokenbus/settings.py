@@ -106,6 +106,37 @@ class WorkerSettings(_Settings):
     max_poll_interval_ms: int = 60_000
 
 
+def _default_audit_store() -> str:
+    return str(Path.home() / ".local" / "share" / "tokenbus" / "audit.db")
+
+
+class AuditSettings(_Settings):
+    """The audit consumer and its tools; every field reads ``TOKENBUS_AUDIT_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="TOKENBUS_AUDIT_")
+
+    store: str = Field(
+        default_factory=_default_audit_store,
+        description="a SQLite file path, or a postgresql:// URL",
+    )
+    group_id: str = "tokenbus-audit"
+    from_beginning: bool = Field(
+        default=False, description="read the whole log again (rebuilds a fresh store)"
+    )
+    signing_key: SecretStr | None = Field(default=None, description="Ed25519 seed, hex or base64")
+    signing_key_file: Path | None = Field(
+        default=None, description="file holding the seed; default for SQLite: <store>.key"
+    )
+    public_key: str | None = Field(
+        default=None, description="what verify checks signatures with; keep it off the store host"
+    )
+    checkpoint_every_records: int = Field(default=10_000, ge=1)
+    checkpoint_every_s: float = Field(default=60.0, gt=0)
+    max_batch: int = Field(default=5_000, ge=1, description="records per fetch and transaction")
+    state_cache: int = Field(default=100_000, ge=1, description="streams' state kept in memory")
+    metrics_port: int | None = Field(default=None, description="serve Prometheus metrics here")
+
+
 class ClientSettings(_Settings):
     url: str = "http://127.0.0.1:8000"
 

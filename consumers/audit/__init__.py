@@ -1,0 +1,41 @@
+"""The audit consumer and its tools: every request and event of the bus in an
+append-only, hash-chained store with signed checkpoints (see README, "Audit")."""
+
+from .chain import GENESIS, CheckpointBody, Leaf, event_hash, request_digest
+from .checkpoints import Checkpointer
+from .consumer import AuditConsumer
+from .ingest import AuditStats, Ingest, StreamStates
+from .keys import AuditKeyError, signing_key, verifying_key
+from .records import Batch, Checkpoint, EventRecord, RequestRecord, StreamState
+from .reports import export_jsonl, show
+from .store import AuditStore, StoreError, open_store
+from .verify import Finding, Report, verify
+
+__all__ = [
+    "GENESIS",
+    "AuditConsumer",
+    "AuditKeyError",
+    "AuditStats",
+    "AuditStore",
+    "Batch",
+    "Checkpoint",
+    "CheckpointBody",
+    "Checkpointer",
+    "EventRecord",
+    "Finding",
+    "Ingest",
+    "Leaf",
+    "Report",
+    "RequestRecord",
+    "StoreError",
+    "StreamState",
+    "StreamStates",
+    "event_hash",
+    "export_jsonl",
+    "open_store",
+    "request_digest",
+    "show",
+    "signing_key",
+    "verify",
+    "verifying_key",
+]

@@ -1,0 +1,49 @@
+"""The audit consumer's counters as Prometheus metrics (``TOKENBUS_AUDIT_METRICS_PORT``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from .ingest import AuditStats
+
+
+class AuditCollector(Collector):
+    def __init__(self, stats: AuditStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Any:
+        stats = self._stats
+        stored = CounterMetricFamily(
+            "tokenbus_audit_records_stored", "Records written to the audit store", labels=["kind"]
+        )
+        stored.add_metric(["request"], stats.requests)
+        stored.add_metric(["event"], stats.events)
+        yield stored
+        skipped = CounterMetricFamily(
+            "tokenbus_audit_events_not_stored",
+            "Events the fencing rule left out of the stream",
+            labels=["reason"],
+        )
+        skipped.add_metric(["fenced"], stats.fenced)
+        skipped.add_metric(["duplicate"], stats.duplicates)
+        skipped.add_metric(["gap"], stats.gaps)
+        yield skipped
+        malformed = CounterMetricFamily(
+            "tokenbus_audit_malformed_messages", "Undecodable messages skipped", labels=["topic"]
+        )
+        for topic, count in stats.malformed.items():
+            malformed.add_metric([topic], count)
+        yield malformed
+        yield CounterMetricFamily(
+            "tokenbus_audit_checkpoints", "Signed checkpoints written", value=stats.checkpoints
+        )
+
+
+def serve_metrics(stats: AuditStats, port: int) -> None:
+    registry = CollectorRegistry()
+    registry.register(AuditCollector(stats))
+    start_http_server(port, registry=registry)
