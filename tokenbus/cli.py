@@ -195,6 +195,17 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analytics(args: argparse.Namespace) -> int:
+    from consumers.analytics import Analytics
+
+    from .settings import AnalyticsSettings
+
+    settings = AnalyticsSettings(**_given(analytics_port=args.port, analytics_host=args.host))
+    analytics = Analytics(kafka=KafkaSettings(), settings=settings)
+    analytics.run(loglevel=os.environ.get("TOKENBUS_LOG_LEVEL", "INFO"))
+    return 0
+
+
 # -- client commands --------------------------------------------------------------
 
 
@@ -286,6 +297,11 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="one model worker")
     _model_flags(worker)
     worker.set_defaults(run=_worker)
+
+    analytics = commands.add_parser("analytics", help="the analytics consumer")
+    analytics.add_argument("--port", type=int, help="/metrics, /summary [TOKENBUS_ANALYTICS_PORT]")
+    analytics.add_argument("--host", help="HTTP address [TOKENBUS_ANALYTICS_HOST]")
+    analytics.set_defaults(run=_analytics)
 
     submit = commands.add_parser("submit", help="submit a job; --follow streams it")
     submit.add_argument("prompt")
