@@ -78,6 +78,7 @@ async def _run_stack(
     worker = await asyncio.create_subprocess_exec(
         *worker_cmd, env=os.environ | kafka_env(kafka), preexec_fn=die_with_parent
     )
+    analytics = await _start_analytics(kafka)
     serving, uv = _start_server(kafka, server)
     watching = asyncio.create_task(worker.wait())
     try:
@@ -90,6 +91,7 @@ async def _run_stack(
             return 1
         return 0
     finally:
+        await _stop_child(analytics, timeout_s=5)  # its state is in changelogs: kill is safe
         if worker.returncode is None:
             worker.send_signal(signal.SIGINT)
             try:
@@ -97,6 +99,28 @@ async def _run_stack(
             except TimeoutError:
                 worker.kill()
                 await worker.wait()
+
+
+async def _start_analytics(kafka: KafkaSettings) -> asyncio.subprocess.Process:
+    """`up`'s analytics consumer. Not essential: if it stops, the stack goes on."""
+    from .settings import AnalyticsSettings
+
+    settings = AnalyticsSettings()
+    log.info("analytics on http://%s:%d/summary", settings.analytics_host, settings.analytics_port)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenbus", "analytics",
+        env=os.environ | kafka_env(kafka), preexec_fn=die_with_parent,
+    )  # fmt: skip
+
+
+async def _stop_child(child: asyncio.subprocess.Process, timeout_s: float = 15) -> None:
+    if child.returncode is None:
+        child.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(child.wait(), timeout=timeout_s)
+        except TimeoutError:
+            child.kill()
+            await child.wait()
 
 
 def _broker(args: argparse.Namespace) -> int:
