@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,7 +55,7 @@ class Analytics:
             max_open=settings.max_open_requests, on_dropped=self.metrics.fenced.inc
         )
         self.created = time.monotonic()
-        self.first_event_after_s: float | None = None  # start -> first message read
+        self.first_event_after_s: float | None = None  # built -> first message read
         self.app = _faust_app(kafka, settings)
         self._by_model = self._window_table("by-model")
         self._by_tenant = self._window_table("by-tenant")
@@ -83,12 +82,14 @@ class Analytics:
 
     # -- the agent --------------------------------------------------------------
 
-    async def _process(self, stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+    async def _process(self, stream: faust.StreamT[bytes]) -> None:
         requests_topic = self.kafka.topics.requests
         async for event in stream.events():
             if self.first_event_after_s is None:
                 self.first_event_after_s = time.monotonic() - self.created
-                log.info("first message read %.2fs after start", self.first_event_after_s)
+                log.info(
+                    "first message read %.2fs after start", self.first_event_after_s
+                )  # the tuning's figure
             message = event.message
             try:
                 if message.topic == requests_topic:
@@ -104,7 +105,6 @@ class Analytics:
                 continue
             if summary is not None:
                 self.count(summary)
-            yield None
 
     def count(self, summary: RequestSummary) -> None:
         """Add a finished request to its windows (by its terminal event's time)."""
