@@ -13,7 +13,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -25,12 +25,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from schemas import (
     FinishedEvent,
+    FinishReason,
+    GenerationRequest,
     StartedEvent,
     StreamEvent,
+    Timings,
     TokenEvent,
+    Usage,
     decode_event,
+    encode,
     is_terminal,
     message_key,
+    uuid7,
 )
 from tokenbus.kafka import new_producer
 from tokenbus.settings import KafkaSettings
@@ -70,8 +76,8 @@ def _labels(labels: dict[str, str]) -> str:
     return "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
 
 
-@pytest.fixture
-async def analytics(kafka: KafkaSettings, tmp_path: Path) -> AsyncIterator[Analytics]:
+@contextlib.asynccontextmanager
+async def running_analytics(kafka: KafkaSettings, log_path: Path) -> AsyncIterator[Analytics]:
     """`tokenbus analytics` in a child process, ready (joined) when yielded; stopped
     with SIGINT, as Ctrl-C does, and required to exit cleanly."""
     port = free_port()
@@ -82,8 +88,7 @@ async def analytics(kafka: KafkaSettings, tmp_path: Path) -> AsyncIterator[Analy
         "TOKENBUS_PARTITIONS": str(kafka.partitions),
         "TOKENBUS_ANALYTICS_PORT": str(port),
     }
-    log_path = tmp_path / "analytics.log"
-    with log_path.open("wb") as log_file:
+    with log_path.open("ab") as log_file:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tokenbus", "analytics", env=env,
             stdout=log_file, stderr=asyncio.subprocess.STDOUT,
@@ -100,7 +105,7 @@ async def analytics(kafka: KafkaSettings, tmp_path: Path) -> AsyncIterator[Analy
                 return False
 
             await eventually(ready, within=30)
-            assert process.returncode is None, log_path.read_text(errors="replace")
+            assert process.returncode is None, tail(log_path)
             yield Analytics(url=url, http=http)
     finally:
         if process.returncode is None:
@@ -112,7 +117,17 @@ async def analytics(kafka: KafkaSettings, tmp_path: Path) -> AsyncIterator[Analy
                 process.kill()
                 await process.wait()
                 pytest.fail("analytics did not stop on SIGINT within 20 s")
-    assert process.returncode == 0, log_path.read_text(errors="replace")[-4000:]
+    assert process.returncode == 0, tail(log_path)
+
+
+def tail(log_path: Path) -> str:
+    return log_path.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture
+async def analytics(kafka: KafkaSettings, tmp_path: Path) -> AsyncIterator[Analytics]:
+    async with running_analytics(kafka, tmp_path / "analytics.log") as running:
+        yield running
 
 
 @pytest.fixture
@@ -252,3 +267,68 @@ async def test_a_malformed_message_is_skipped_and_counted(
     metrics = await analytics.metrics()
     topic = kafka.topics.tokens
     assert metrics[f"tokenbus_analytics_malformed_messages_total{{topic={topic}}}"] == 2
+
+
+async def publish_request(kafka: KafkaSettings, tenant: str, ended_at: datetime) -> None:
+    """A request and a whole stream of it, as a worker would publish them, ending at
+    ``ended_at`` (2 tokens, 100 ms apart)."""
+    rid = uuid7()
+    key = message_key(rid)
+    start = ended_at - timedelta(seconds=1)
+    base = {"request_id": rid, "worker": "w1", "attempt": 1}
+    events: list[StreamEvent] = [
+        StartedEvent(**base, seq=0, ts=start, model="m", model_revision="r",
+                     prompt_tokens=1, queue_wait_ms=500),
+        TokenEvent(**base, seq=1, ts=start + timedelta(seconds=0.5), text="a", token_ids=[1]),
+        TokenEvent(**base, seq=2, ts=start + timedelta(seconds=0.6), text="b", token_ids=[2]),
+        FinishedEvent(**base, seq=3, ts=ended_at, finish_reason=FinishReason.STOP,
+                      usage=Usage(prompt_tokens=1, completion_tokens=2),
+                      timings=Timings(ttft_ms=500, total_ms=1000)),
+    ]  # fmt: skip
+    request = GenerationRequest(
+        request_id=rid, tenant=tenant, prompt="hi", submitted_at=start - timedelta(seconds=0.5)
+    )
+    producer = new_producer(kafka)
+    await producer.start()
+    try:
+        await producer.send_and_wait(kafka.topics.requests, encode(request), key=key)
+        for event in events:
+            await producer.send_and_wait(kafka.topics.tokens, encode(event), key=key)
+    finally:
+        await producer.stop()
+
+
+async def test_windows_tumble_by_the_minute_and_survive_a_restart(
+    kafka: KafkaSettings, tmp_path: Path
+) -> None:
+    """Two requests ending in two different minutes land in two windows, held in Faust
+    tables whose changelogs (on the embedded broker) bring them back after a restart,
+    neither lost nor counted twice."""
+    minute = datetime.now(UTC).replace(second=0, microsecond=0)
+    await publish_request(kafka, "acme", minute - timedelta(seconds=30))
+    await publish_request(kafka, "acme", minute + timedelta(seconds=5))
+    log_path = tmp_path / "analytics.log"
+
+    async def windows(analytics: Analytics) -> list[tuple[str, int]]:
+        rows = (await analytics.summary())["by_tenant"]
+        return [(row["window_start"], row["requests"]) for row in rows if row["tenant"] == "acme"]
+
+    expected = [((minute - timedelta(minutes=1)).isoformat(), 1), (minute.isoformat(), 1)]
+    for run in ("first", "after a restart"):
+        async with running_analytics(kafka, log_path) as analytics:
+
+            async def both_counted() -> bool:
+                return await windows(analytics) == expected
+
+            try:
+                await eventually(both_counted, within=15)
+            except TimeoutError:
+                pytest.fail(f"{run}: windows {await windows(analytics)}, not {expected}")
+            summary = await analytics.summary()
+            row = summary["by_tenant"][0]
+            assert row["ttft_submission_s"]["mean"] == pytest.approx(1.0)
+            assert row["inter_token_s"]["mean"] == pytest.approx(0.1)
+        if run == "after a restart":
+            # Nothing was read again (offsets were committed): the windows came back
+            # from the tables' changelogs.
+            assert summary["first_event_after_s"] is None
