@@ -106,9 +106,13 @@ class AnalyticsSettings(_Settings):
     analytics_host: str = "127.0.0.1"
     analytics_port: int = Field(default=8001, description="/metrics and /summary")
     analytics_group_id: str = "tokenbus-analytics"
-    window_s: float = Field(default=60.0, gt=0, description="tumbling window length")
-    window_retention_s: float = Field(default=3600.0, gt=0, description="windows kept this long")
-    max_open_requests: int = Field(default=100_000, ge=1, description="requests not yet ended")
+    analytics_window_s: float = Field(default=60.0, gt=0, description="tumbling window length")
+    analytics_window_retention_s: float = Field(
+        default=3600.0, gt=0, description="windows kept this long"
+    )
+    analytics_max_open_requests: int = Field(
+        default=100_000, ge=1, description="requests not yet ended"
+    )
     # Tansu answers a first JoinGroup after half the session timeout: 30 s with
     # Faust's default 60 s. 6 s is the least Apache Kafka accepts (its
     # group.min.session.timeout.ms); see the README for the figures.

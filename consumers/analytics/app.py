@@ -52,7 +52,7 @@ class Analytics:
         self.settings = settings
         self.metrics = AnalyticsMetrics()
         self.tracker = RequestTracker(
-            max_open=settings.max_open_requests, on_dropped=self.metrics.fenced.inc
+            max_open=settings.analytics_max_open_requests, on_dropped=self.metrics.fenced.inc
         )
         self.created = time.monotonic()
         self.first_event_after_s: float | None = None  # built -> first message read
@@ -72,7 +72,9 @@ class Analytics:
             default=dict,
             partitions=self.kafka.partitions,  # co-partitioned with the topics read
         )  # keys and values go to the changelog as JSON, Faust's default for tables
-        return table.tumbling(self.settings.window_s, expires=self.settings.window_retention_s)
+        return table.tumbling(
+            self.settings.analytics_window_s, expires=self.settings.analytics_window_retention_s
+        )
 
     def run(self, *, loglevel: str = "INFO") -> None:
         """Run until SIGINT or SIGTERM, in a Faust worker (which owns the event
@@ -119,7 +121,7 @@ class Analytics:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "window_s": self.settings.window_s,
+            "window_s": self.settings.analytics_window_s,
             "by_model": _windows(self._by_model, "model"),
             "by_tenant": _windows(self._by_tenant, "tenant"),
             "open_requests": len(self.tracker),
