@@ -79,7 +79,13 @@ class Analytics:
     def run(self, *, loglevel: str = "INFO") -> None:
         """Run until SIGINT or SIGTERM, in a Faust worker (which owns the event
         loop, the signal handlers and the logging set-up)."""
-        worker = faust.Worker(self.app, loglevel=loglevel, redirect_stdouts=False)
+        worker = faust.Worker(
+            self.app,
+            loglevel=loglevel,
+            logging_config=_logging_config(loglevel),
+            quiet=True,  # no banner: under `tokenbus up` it shares a terminal
+            redirect_stdouts=False,
+        )
         worker.execute_from_commandline()
 
     # -- the agent --------------------------------------------------------------
@@ -169,6 +175,20 @@ def _faust_app(kafka: KafkaSettings, settings: AnalyticsSettings) -> faust.App:
         web_port=settings.analytics_port,
         web_host=settings.analytics_host,
     )
+
+
+def _logging_config(level: str) -> dict[str, Any]:
+    """tokenbus' log format (see `tokenbus.cli`); Faust's and aiokafka's chatter
+    (every service's "Starting...") only when debugging."""
+    quiet = "DEBUG" if level.upper() == "DEBUG" else "WARNING"
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"tokenbus": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "tokenbus"}},
+        "root": {"level": level, "handlers": ["stderr"]},
+        "loggers": {name: {"level": quiet} for name in ("aiokafka", "faust", "mode")},
+    }
 
 
 def _windows(windows: Any, name: str) -> list[dict[str, Any]]:
