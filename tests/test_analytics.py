@@ -271,7 +271,7 @@ async def test_a_malformed_message_is_skipped_and_counted(
 
 async def publish_request(kafka: KafkaSettings, tenant: str, ended_at: datetime) -> None:
     """A request and a whole stream of it, as a worker would publish them, ending at
-    ``ended_at`` (2 tokens, 100 ms apart)."""
+    ``ended_at`` (2 tokens, 100 ms apart), with a stale worker's token in the middle."""
     rid = uuid7()
     key = message_key(rid)
     start = ended_at - timedelta(seconds=1)
@@ -280,6 +280,8 @@ async def publish_request(kafka: KafkaSettings, tenant: str, ended_at: datetime)
         StartedEvent(**base, seq=0, ts=start, model="m", model_revision="r",
                      prompt_tokens=1, queue_wait_ms=500),
         TokenEvent(**base, seq=1, ts=start + timedelta(seconds=0.5), text="a", token_ids=[1]),
+        TokenEvent(request_id=rid, worker="w0", attempt=0, seq=2, text="stale",
+                   ts=start + timedelta(seconds=0.55), token_ids=[7, 8, 9]),
         TokenEvent(**base, seq=2, ts=start + timedelta(seconds=0.6), text="b", token_ids=[2]),
         FinishedEvent(**base, seq=3, ts=ended_at, finish_reason=FinishReason.STOP,
                       usage=Usage(prompt_tokens=1, completion_tokens=2),
@@ -303,7 +305,7 @@ async def test_windows_tumble_by_the_minute_and_survive_a_restart(
 ) -> None:
     """Two requests ending in two different minutes land in two windows, held in Faust
     tables whose changelogs (on the embedded broker) bring them back after a restart,
-    neither lost nor counted twice."""
+    neither lost nor counted twice. A stale worker's events are not counted."""
     minute = datetime.now(UTC).replace(second=0, microsecond=0)
     await publish_request(kafka, "acme", minute - timedelta(seconds=30))
     await publish_request(kafka, "acme", minute + timedelta(seconds=5))
@@ -328,6 +330,10 @@ async def test_windows_tumble_by_the_minute_and_survive_a_restart(
             row = summary["by_tenant"][0]
             assert row["ttft_submission_s"]["mean"] == pytest.approx(1.0)
             assert row["inter_token_s"]["mean"] == pytest.approx(0.1)
+            assert row["completion_tokens"] == 2  # not the stale worker's 3
+            if run == "first":
+                fenced = (await analytics.metrics())["tokenbus_analytics_fenced_events_total{}"]
+                assert fenced == 2
         if run == "after a restart":
             # Nothing was read again (offsets were committed): the windows came back
             # from the tables' changelogs.
