@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client import Histogram
 
 from schemas import MalformedMessage, StartedEvent, StreamEvent, StreamView, decode_event
 from tokenbus.kafka import new_consumer
@@ -89,6 +90,15 @@ class StreamHub:
         self.events_read = 0
         self.malformed = 0
         self.overflows = 0  # subscribers that fell behind and went back to the log
+        # Event ts -> its SSE frame sent, per subscriber; see routes._frames for what
+        # counts as live. Unregistered: the app's collector exports it with the rest.
+        self.delivery_delay = Histogram(
+            "tokenbus_relay_delivery_delay_seconds",
+            "Event ts to its SSE frame sent, for events generated while the subscriber "
+            "was connected (replays of older events are not counted)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=None,
+        )
 
     def __len__(self) -> int:
         return len(self._streams)

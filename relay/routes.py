@@ -27,6 +27,7 @@ from tokenbus.access import Access
 from tokenbus.http import ApiError, client_address, parse_request_id
 
 from .directory import RequestDirectory
+from .hub import StreamHub
 from .subscription import StreamTruncated, subscribe
 
 log = logging.getLogger(__name__)
@@ -97,13 +98,21 @@ async def _frames(
     request: Request, rid: uuid.UUID, after: int, pace: str, cancel_on_disconnect: bool
 ) -> AsyncIterator[ServerSentEvent]:
     state = request.state
-    events = subscribe(state.hub, state.log, rid, after=after)
+    hub: StreamHub = state.hub
+    events = subscribe(hub, state.log, rid, after=after)
     if pace == "original":
         events = _original_pace(events)
+    # Delivery delay counts live delivery only: events generated after this
+    # subscriber connected, at the live pace. A replay's old events would add their
+    # age, and delays paced on purpose, to the figure.
+    connected = datetime.now(UTC) if pace == "fast" else None
     finished = False
     try:
         async for event in events:
             yield event_to_sse(event)
+            # Resumed by sse-starlette once the frame has been sent.
+            if connected is not None and event.ts >= connected:
+                hub.delivery_delay.observe((datetime.now(UTC) - event.ts).total_seconds())
         finished = True
     except StreamTruncated as exc:
         finished = True

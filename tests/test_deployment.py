@@ -35,7 +35,7 @@ def test_kafka_is_apache_kafka_in_kraft_mode(compose: dict[str, Any]) -> None:
 
 def test_every_tokenbus_service_runs_an_existing_command(compose: dict[str, Any]) -> None:
     services = tokenbus_services(compose)
-    assert {"relay", "worker", "topics", "audit"} <= set(services)
+    assert {"relay", "worker", "topics", "audit", "analytics"} <= set(services)
     for name, service in services.items():
         try:
             _parser().parse_args(service["command"][1:])
@@ -68,3 +68,16 @@ def test_audit_writes_to_the_postgres_service_once_it_is_healthy(compose: dict[s
     assert audit["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "healthcheck" in postgres
     assert "TOKENBUS_AUDIT_SIGNING_KEY" in audit["environment"]  # PostgreSQL: no key file
+
+
+def test_analytics_serves_its_port_with_production_timeouts(compose: dict[str, Any]) -> None:
+    from tokenbus.settings import AnalyticsSettings
+
+    analytics = compose["services"]["analytics"]
+    port = analytics["command"][analytics["command"].index("--port") + 1]
+    assert f"{port}:{port}" in analytics["ports"]
+    env = {k: v for k, v in analytics["environment"].items() if k.startswith("TOKENBUS_ANALYTICS")}
+    settings = AnalyticsSettings(**{k.removeprefix("TOKENBUS_").lower(): v for k, v in env.items()})
+    # Apache Kafka refuses sessions under group.min.session.timeout.ms (6 s by default).
+    assert settings.analytics_session_timeout_s >= 6
+    assert settings.analytics_heartbeat_interval_s <= settings.analytics_session_timeout_s / 3

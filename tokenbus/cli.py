@@ -79,8 +79,9 @@ def _up(args: argparse.Namespace) -> int:
 async def _run_stack(
     kafka: KafkaSettings, server: ServerSettings, worker_cmd: list[str], started: float
 ) -> int:
-    """Topics, one worker process, and the HTTP server, until Ctrl-C or until the
-    worker dies (then everything stops: a stack without a worker only queues)."""
+    """Topics, a worker, the audit and analytics consumers and the HTTP server, until
+    Ctrl-C or until the worker or the audit consumer dies (then everything stops: a
+    stack without a worker only queues, and one without its audit keeps no record)."""
     from .kafka import ensure_topics
 
     await ensure_topics(kafka)
@@ -93,6 +94,7 @@ async def _run_stack(
         env=os.environ | kafka_env(kafka), preexec_fn=die_with_parent,
     )  # fmt: skip
     children = {"worker": worker, "audit consumer": audit}
+    analytics = await _start_analytics(kafka)  # not watched: the stack goes on without it
     serving, uv = _start_server(kafka, server)
     watching = {asyncio.create_task(child.wait()): name for name, child in children.items()}
     try:
@@ -107,15 +109,28 @@ async def _run_stack(
             return 1
         return 0
     finally:
+        await _stop_child(analytics, timeout_s=5)  # its state is in changelogs: kill is safe
         for child in children.values():
             await _stop_child(child)
 
 
-async def _stop_child(child: asyncio.subprocess.Process) -> None:
+async def _start_analytics(kafka: KafkaSettings) -> asyncio.subprocess.Process:
+    """`up`'s analytics consumer. Not essential: if it stops, the stack goes on."""
+    from .settings import AnalyticsSettings
+
+    settings = AnalyticsSettings()
+    log.info("analytics on http://%s:%d/summary", settings.analytics_host, settings.analytics_port)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenbus", "analytics",
+        env=os.environ | kafka_env(kafka), preexec_fn=die_with_parent,
+    )  # fmt: skip
+
+
+async def _stop_child(child: asyncio.subprocess.Process, timeout_s: float = 15) -> None:
     if child.returncode is None:
         child.send_signal(signal.SIGINT)
         try:
-            await asyncio.wait_for(child.wait(), timeout=15)
+            await asyncio.wait_for(child.wait(), timeout=timeout_s)
         except TimeoutError:
             child.kill()
             await child.wait()
@@ -325,6 +340,17 @@ def _when(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _analytics(args: argparse.Namespace) -> int:
+    from consumers.analytics import Analytics
+
+    from .settings import AnalyticsSettings
+
+    settings = AnalyticsSettings(**_given(analytics_port=args.port, analytics_host=args.host))
+    analytics = Analytics(kafka=KafkaSettings(), settings=settings)
+    analytics.run(loglevel=os.environ.get("TOKENBUS_LOG_LEVEL", "INFO"))
+    return 0
+
+
 # -- client commands --------------------------------------------------------------
 
 
@@ -417,6 +443,11 @@ def _parser() -> argparse.ArgumentParser:
     _model_flags(worker)
     worker.add_argument("--max-batch", type=int, help="sequences at once [TOKENBUS_MAX_BATCH]")
     worker.set_defaults(run=_worker)
+
+    analytics = commands.add_parser("analytics", help="the analytics consumer")
+    analytics.add_argument("--port", type=int, help="/metrics, /summary [TOKENBUS_ANALYTICS_PORT]")
+    analytics.add_argument("--host", help="HTTP address [TOKENBUS_ANALYTICS_HOST]")
+    analytics.set_defaults(run=_analytics)
 
     submit = commands.add_parser("submit", help="submit a job; --follow streams it")
     submit.add_argument("prompt")

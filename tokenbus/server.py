@@ -139,3 +139,4 @@ class _RelayCollector(Collector):
         yield GaugeMetricFamily(
             "tokenbus_relay_streams_held", "Streams held in memory", value=len(self._hub)
         )
+        yield from self._hub.delivery_delay.collect()

@@ -137,6 +137,28 @@ class AuditSettings(_Settings):
     metrics_port: int | None = Field(default=None, description="serve Prometheus metrics here")
 
 
+class AnalyticsSettings(_Settings):
+    """The analytics consumer (``tokenbus analytics``). Its consumer group and table
+    changelogs are named after ``analytics_group_id``, behind the topic prefix."""
+
+    analytics_host: str = "127.0.0.1"
+    analytics_port: int = Field(default=8001, description="/metrics and /summary")
+    analytics_group_id: str = "tokenbus-analytics"
+    analytics_window_s: float = Field(default=60.0, gt=0, description="tumbling window length")
+    analytics_window_retention_s: float = Field(
+        default=3600.0, gt=0, description="windows kept this long"
+    )
+    analytics_max_open_requests: int = Field(
+        default=100_000, ge=1, description="requests not yet ended"
+    )
+    # Tansu answers a first JoinGroup after half the session timeout: 30 s with
+    # Faust's default 60 s. 6 s is the least Apache Kafka accepts (its
+    # group.min.session.timeout.ms); see the README for the figures.
+    analytics_session_timeout_s: float = Field(default=6.0, gt=0)
+    analytics_heartbeat_interval_s: float = Field(default=0.5, gt=0)
+    analytics_rebalance_timeout_s: float = Field(default=6.0, gt=0)
+
+
 class ClientSettings(_Settings):
     url: str = "http://127.0.0.1:8000"
 

@@ -1,0 +1,127 @@
+"""How long the analytics consumer takes from process start to its first message
+read, with Faust's default group timeouts and with tokenbus' tuned ones.
+
+    .venv/bin/python benchmarks/analytics_startup.py [--runs 3]
+
+Starts an embedded broker (Tansu), puts one request on a fresh `tokenbus.requests`,
+then starts `tokenbus analytics` (a fresh consumer group each run) and times it to
+`/readyz` 200 and to the request read. Writes benchmarks/results/analytics_startup.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from schemas import GenerationRequest, encode, message_key, uuid7
+from tokenbus.broker import EmbeddedBroker
+from tokenbus.kafka import ensure_topics, new_producer
+from tokenbus.settings import KafkaSettings
+
+RESULTS = Path(__file__).parent / "results" / "analytics_startup.json"
+FAUST_DEFAULTS = {
+    "SESSION_TIMEOUT_S": "60",
+    "HEARTBEAT_INTERVAL_S": "3",
+    "REBALANCE_TIMEOUT_S": "60",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def put_one_request(kafka: KafkaSettings) -> None:
+    await ensure_topics(kafka)
+    request = GenerationRequest(request_id=uuid7(), prompt="hi", submitted_at=datetime.now(UTC))
+    producer = new_producer(kafka)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            kafka.topics.requests, encode(request), key=message_key(request.request_id)
+        )
+    finally:
+        await producer.stop()
+
+
+async def one_run(kafka: KafkaSettings, overrides: dict[str, str]) -> dict[str, float]:
+    port = free_port()
+    env = (
+        os.environ
+        | {
+            "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
+            "TOKENBUS_TOPIC_PREFIX": kafka.topic_prefix,
+            "TOKENBUS_ANALYTICS_PORT": str(port),
+            "TOKENBUS_ANALYTICS_GROUP_ID": f"bench-{uuid.uuid4().hex[:8]}",
+            "TOKENBUS_LOG_LEVEL": "WARNING",
+        }
+        | {f"TOKENBUS_ANALYTICS_{name}": value for name, value in overrides.items()}
+    )
+    started = time.perf_counter()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenbus", "analytics",
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    figures: dict[str, float] = {}
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            while "first_message_s" not in figures:
+                assert process.returncode is None, "tokenbus analytics exited"
+                try:
+                    if "ready_s" not in figures and (await http.get("/readyz")).is_success:
+                        figures["ready_s"] = time.perf_counter() - started
+                    if (await http.get("/summary")).json()["open_requests"] == 1:
+                        figures["first_message_s"] = time.perf_counter() - started
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)  # polling a child process; bounded by its start
+    finally:
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(process.wait(), timeout=30)
+    return figures
+
+
+async def main(runs: int) -> None:
+    with EmbeddedBroker(port=free_port()) as broker:
+        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap, topic_prefix="bench.")
+        await put_one_request(kafka)
+        results: dict[str, object] = {}
+        for name, overrides in (("faust_defaults", FAUST_DEFAULTS), ("tuned", {})):
+            samples = [await one_run(kafka, overrides) for _ in range(runs)]
+            results[name] = {
+                "overrides": overrides or "AnalyticsSettings defaults",
+                "ready_s": [round(s["ready_s"], 2) for s in samples],
+                "first_message_s": [round(s["first_message_s"], 2) for s in samples],
+                "first_message_s_median": round(
+                    statistics.median(s["first_message_s"] for s in samples), 2
+                ),
+            }
+            print(name, json.dumps(results[name]))
+    RESULTS.write_text(
+        json.dumps(
+            {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": runs} | results,
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    asyncio.run(main(parser.parse_args().runs))
