@@ -8,7 +8,10 @@ One workload for every method: --requests prompts of 1 to 4 sentences, with outp
 lengths drawn from an exponential distribution (mean --mean-tokens, clipped to
 1..--max-tokens, fixed seed); end-of-sequence is ignored, so every method does the
 same work. "N concurrent" is a closed loop: N requests in flight, the next one
-issued when one finishes. TTFT is from a request's issue to its first token.
+issued when one finishes, so the batch stays full until the workload runs out.
+Runs with one request in flight (sequential, and every method at N = 1) take the
+first --requests-at-1 requests only: they would take many minutes, and tokens/s is
+a rate. TTFT is from a request's issue to its first token.
 Writes benchmarks/results/worker_throughput.json.
 
     engine       tokenbus' GenerationEngine (workers/batching.py): continuous batching
@@ -209,7 +212,8 @@ def run_hf_continuous(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--requests-at-1", type=int, default=32)
     parser.add_argument("--mean-tokens", type=float, default=24)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--device", default="auto")
@@ -217,8 +221,9 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model(cache_dir=CACHE, device=args.device)
     work = workload(args.requests, args.mean_tokens, args.max_tokens, seed=0)
+    few = work[: args.requests_at_1]
     asyncio.run(run_engine(model, workload(8, 16, 16, seed=1), 8))  # warm up: page in weights
-    sequential = run_sequential(model, work)
+    sequential = run_sequential(model, few)
     print("sequential", sequential, flush=True)
     results: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or '?'}",
@@ -228,6 +233,7 @@ def main() -> None:
         "model": model.name,
         "dtype": str(model.model.dtype),
         "requests": args.requests,
+        "requests_at_1": args.requests_at_1,
         "output_tokens": sum(n for _, n in work),
         "mean_tokens": args.mean_tokens,
         "max_tokens": args.max_tokens,
@@ -236,11 +242,12 @@ def main() -> None:
         "concurrent": {},
     }
     for n in args.concurrency:
-        run: dict[str, Any] = {"engine": asyncio.run(run_engine(model, work, n))}
+        load = few if n == 1 else work
+        run: dict[str, Any] = {"engine": asyncio.run(run_engine(model, load, n))}
         if "static" not in args.skip:
-            run["static"] = run_static(model, work, n)
+            run["static"] = run_static(model, load, n)
         if "hf_cb" not in args.skip:
-            run["hf_cb"] = run_hf_continuous(model, work, n)
+            run["hf_cb"] = run_hf_continuous(model, load, n)
         run["speedup_vs_sequential"] = {
             k: round(v["tokens_per_s"] / sequential["tokens_per_s"], 2)
             for k, v in run.items()

@@ -81,6 +81,32 @@ async def test_greedy_output_equals_plain_generate_while_sequences_come_and_go(
         assert steps[-1].finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
 
 
+async def test_prompts_prefilled_together_generate_what_each_does_alone(
+    smollm: LoadedModel,
+) -> None:
+    # Arriving at once, the prompts (of different lengths) are prefilled in one
+    # left-padded pass, then decoded together.
+    requests = [request(p, max_tokens=12) for p in PROMPTS]
+    async with GenerationEngine(smollm) as engine:
+        results = await asyncio.gather(*(steps_of(engine, r) for r in requests))
+    for req, steps in zip(requests, results, strict=True):
+        expected = plain_generate(smollm, engine.prompt_ids(req), 12)
+        assert token_ids(steps) == expected, req.prompt
+
+
+async def test_rows_freed_by_finished_sequences_are_reused_without_a_trace(
+    smollm: LoadedModel,
+) -> None:
+    # Four rows for eight requests of different lengths: newcomers take over the
+    # rows (and cache) of sequences that ended, while the others go on decoding.
+    requests = [request(p, max_tokens=3 + (5 * i) % 14) for i, p in enumerate(PROMPTS)]
+    async with GenerationEngine(smollm, max_batch=4, ignore_eos=True) as engine:
+        results = await asyncio.gather(*(steps_of(engine, r) for r in requests))
+    for req, steps in zip(requests, results, strict=True):
+        expected = plain_generate(smollm, engine.prompt_ids(req), req.sampling.max_tokens)
+        assert token_ids(steps)[: len(expected)] == expected, req.prompt
+
+
 async def test_a_seeded_request_samples_the_same_alone_and_in_a_batch(
     smollm: LoadedModel,
 ) -> None:

@@ -3,21 +3,24 @@
 Sequences join and leave the running batch at every decode step. One iteration
 of the scheduler is
 
-    1. drop the sequences that finished or were released since the last one;
-    2. admit waiting sequences, first come first served, while the caps allow
+    1. admit waiting sequences, first come first served, while the caps allow
        (``max_batch`` sequences, ``max_batch_tokens`` tokens of KV cache);
-    3. in a worker thread: one decode step for the whole running batch, then
-       prefill chunks of admitted sequences, at most ``prefill_chunk`` prompt
-       tokens per iteration. A long prompt is prefilled over several iterations,
-       so it delays everyone's next token by one chunk, not by the whole prompt;
-    4. deliver each sampled token to its sequence's queue; a sequence whose
-       prefill completed joins the batch for the next decode step.
+    2. in a worker thread: free the rows of sequences that finished or were
+       released; one decode step for the whole running batch; then prefill
+       admitted prompts, at most ``prefill_chunk`` tokens per iteration (a long
+       prompt is prefilled over several iterations, so it delays everyone's next
+       token by one chunk, not by the whole prompt); prefilled sequences join
+       the batch for the next decode step;
+    3. deliver each sampled token to its sequence's queue.
 
 The running batch shares one KV cache, left-padded to a common length, with an
-attention mask over the padding and explicit position ids per row. Rows are
-added and removed only when membership changes; a decode step writes one column
-in place (`_GrowingLayer`), where transformers' DynamicCache would copy the
-whole cache with ``torch.cat`` at every step.
+attention mask over the padding and explicit position ids per row. A decode step
+writes one column in place (`_GrowingLayer`), where transformers' DynamicCache
+would copy the whole cache with ``torch.cat`` at every step; a sequence that
+joins is written into a row freed by one that left (`_Batch`), so steady churn
+does not copy the batch's cache either. Prompts that arrive together are
+prefilled together, in one left-padded pass: every forward pass reads all the
+weights once, whatever its batch.
 
 Admission reserves a sequence's whole budget (prompt + every token it may
 generate), so a sequence once admitted always runs to its end: nothing is ever
@@ -38,7 +41,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 log = logging.getLogger(__name__)
 
-Sample = Callable[[torch.Tensor], tuple[int, float]]
+Sample = Callable[[torch.Tensor, torch.Tensor], tuple[int, float]]  # logits, logprobs
 
 
 class EngineStopped(RuntimeError):
@@ -59,7 +62,7 @@ class Sequence:
     generated: int = 0
     last: int = -1  # the token the next decode step feeds
     sampled: tuple[int, float] | None = None  # by the last iteration, not yet delivered
-    cache: Cache | None = None  # its own, until prefill completes and it joins the batch
+    cache: Cache | None = None  # a long prompt's own, while it is prefilled chunk by chunk
     done: bool = False  # no more tokens will be generated for it
 
     @property
@@ -96,7 +99,8 @@ class Scheduler:
 
     @property
     def in_flight(self) -> int:
-        return len(self._prefilling) + len(self._batch.rows)
+        """Sequences admitted and not done."""
+        return sum(not s.done for s in [*self._prefilling, *self._batch.rows])
 
     def submit(
         self, ids: list[int], sample: Sample, *, max_new: int, stop_ids: frozenset[int]
@@ -143,10 +147,9 @@ class Scheduler:
 
     def _drop_done(self) -> None:
         self._prefilling = [s for s in self._prefilling if not s.done]
-        self._batch.keep([s for s in self._batch.rows if not s.done])
 
     def _admit(self) -> None:
-        reserved = sum(s.budget for s in self._prefilling) + sum(s.budget for s in self._batch.rows)
+        reserved = sum(s.budget for s in [*self._prefilling, *self._batch.rows] if not s.done)
         while self._waiting and self.in_flight < self.max_batch:
             head = self._waiting[0]
             if self.in_flight and reserved + head.budget > self.max_batch_tokens:
@@ -163,11 +166,7 @@ class Scheduler:
             sequence.generated += 1
             if sequence.generated >= sequence.max_new or token[0] in sequence.stop_ids:
                 sequence.done = True
-        joined = [s for s in self._prefilling if s.prefilled == len(s.ids)]
         self._prefilling = [s for s in self._prefilling if s.prefilled < len(s.ids)]
-        for sequence in joined:
-            if not sequence.done:
-                self._batch.join(sequence)
 
     def _fail(self, error: BaseException, *, waiting: bool) -> None:
         """Fail the sequences in flight, and the waiting ones too if ``waiting``."""
@@ -183,53 +182,125 @@ class Scheduler:
 
     # -- the worker thread's side ------------------------------------------------
 
-    @torch.inference_mode()
+    @torch.inference_mode()  # the batch's tensors are inference tensors: change them only here
     def _iterate(self) -> None:
-        rows = self._batch.rows
-        if rows:
+        self._batch.leave()
+        live = self._batch.live()
+        if live:
             logits = self._model(**self._batch.decode_inputs(), use_cache=True).logits[:, -1]
-            for sequence, row in zip(rows, logits, strict=True):
-                sequence.sampled = sequence.sample(row)
-                sequence.last = sequence.sampled[0]
+            _sample(self._batch.rows, logits[live])
             self._batch.stepped()
-        budget = self.prefill_chunk
+        # Prompts that fit the step's budget whole are prefilled together, in one
+        # left-padded forward pass (every pass reads all the weights once); a longer
+        # one is prefilled alone, a chunk per step.
+        budget, together, prefilled = self.prefill_chunk, [], []
         for sequence in self._prefilling:
+            remaining = len(sequence.ids) - sequence.prefilled
             if budget <= 0:
                 break
-            chunk = sequence.ids[sequence.prefilled : sequence.prefilled + budget]
-            if sequence.cache is None:
-                sequence.cache = Cache(layer_class_to_replicate=_GrowingLayer)
-            out = self._model(
-                input_ids=torch.tensor([chunk], device=self._device),
-                past_key_values=sequence.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            sequence.prefilled += len(chunk)
-            budget -= len(chunk)
-            if sequence.prefilled == len(sequence.ids):
-                sequence.sampled = sequence.sample(out.logits[0, -1])
-                sequence.last = sequence.sampled[0]
+            if sequence.cache is None and remaining <= budget:
+                together.append(sequence)
+            else:
+                prefilled += self._prefill_chunk(sequence, min(budget, remaining))
+            budget -= remaining
+        if together:
+            prefilled.append(self._prefill_together(together))
+        # Rows already done (a first token that ended them) leave at the next step.
+        for group in prefilled:
+            self._batch.join(group)
+
+    def _prefill_chunk(self, sequence: Sequence, size: int) -> list[_Group]:
+        if sequence.cache is None:
+            sequence.cache = Cache(layer_class_to_replicate=_GrowingLayer)
+        chunk = sequence.ids[sequence.prefilled : sequence.prefilled + size]
+        out = self._model(
+            input_ids=torch.tensor([chunk], device=self._device),
+            past_key_values=sequence.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        sequence.prefilled += size
+        if sequence.prefilled < len(sequence.ids):
+            return []
+        _sample([sequence], out.logits[:, -1])
+        mask = torch.ones((1, len(sequence.ids)), dtype=torch.long, device=self._device)
+        group, sequence.cache = _Group([sequence], sequence.cache, mask), None
+        return [group]
+
+    def _prefill_together(self, sequences: list[Sequence]) -> _Group:
+        width = max(len(s.ids) for s in sequences)
+        ids = torch.tensor(
+            [[0] * (width - len(s.ids)) + s.ids for s in sequences], device=self._device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(s.ids)) + [1] * len(s.ids) for s in sequences],
+            device=self._device,
+        )
+        cache = Cache(layer_class_to_replicate=_GrowingLayer)
+        out = self._model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        _sample(sequences, out.logits[:, -1])
+        for sequence in sequences:
+            sequence.prefilled = len(sequence.ids)
+        return _Group(sequences, cache, mask)
+
+
+def _sample(sequences: list[Sequence], logits: torch.Tensor) -> None:
+    """Each sequence's next token from its row of ``logits``, by its own sampler."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # one op for the whole batch
+    for sequence, row, row_logprobs in zip(sequences, logits, logprobs, strict=True):
+        sequence.sampled = sequence.sample(row, row_logprobs)
+        sequence.last = sequence.sampled[0]
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """Sequences prefilled together: their cache rows and attention mask."""
+
+    rows: list[Sequence]
+    cache: Cache
+    mask: torch.Tensor
 
 
 class _Batch:
-    """The running sequences and their shared, left-padded KV cache."""
+    """The running sequences and their shared, left-padded KV cache, a row each.
+
+    A sequence that ends frees its row, and a joining one is written into a free
+    row where it fits, so steady churn copies only the newcomers' cache, not the
+    batch's. Free rows still ride along in the decode step (a row's worth of
+    compute, much less than a copy of the cache); the cache is compacted, free rows
+    dropped and all-padding columns cut, once half its rows or columns are waste.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self._device = device
         self._empty()
 
     def _empty(self) -> None:
-        self.rows: list[Sequence] = []
+        self.slots: list[Sequence | None] = []
         self.cache: Cache | None = None
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self._device)
         self.positions = torch.zeros((0,), dtype=torch.long, device=self._device)
 
+    @property
+    def rows(self) -> list[Sequence]:
+        return [s for s in self.slots if s is not None]
+
+    def live(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is not None]
+
     def decode_inputs(self) -> dict[str, Any]:
-        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self._device)
+        ones = torch.ones((len(self.slots), 1), dtype=self.mask.dtype, device=self._device)
         self.mask = torch.cat([self.mask, ones], dim=1)
+        last = [[s.last if s is not None else 0] for s in self.slots]
         return {
-            "input_ids": torch.tensor([[s.last] for s in self.rows], device=self._device),
+            "input_ids": torch.tensor(last, device=self._device),
             "attention_mask": self.mask,
             "position_ids": self.positions.unsqueeze(1),
             "past_key_values": self.cache,
@@ -238,49 +309,62 @@ class _Batch:
     def stepped(self) -> None:
         self.positions = self.positions + 1
 
-    def join(self, sequence: Sequence) -> None:
-        assert sequence.cache is not None
-        layers = _layers(sequence.cache)
-        sequence.cache = None
-        length = len(sequence.ids)
-        if not self.rows:
-            self.cache = Cache(layers=layers)  # type: ignore[arg-type]
-            self.mask = torch.ones((1, length), dtype=torch.long, device=self._device)
-        else:
-            assert self.cache is not None
-            width = max(self.mask.shape[1], length)
-            for mine, theirs in zip(_layers(self.cache), layers, strict=True):
-                mine.set(
-                    *(
-                        torch.cat([_pad_left(a, width), _pad_left(b, width)])
-                        for a, b in zip(mine.contents(), theirs.contents(), strict=True)
-                    )
-                )
-            row = torch.ones((1, length), dtype=self.mask.dtype, device=self._device)
-            self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(row, width)])
-        self.rows.append(sequence)
-        self.positions = torch.cat(
-            [self.positions, torch.tensor([length], dtype=torch.long, device=self._device)]
-        )
-
-    def keep(self, rows: list[Sequence]) -> None:
-        if len(rows) == len(self.rows):
-            return
-        if not rows:
+    def leave(self) -> None:
+        """Free the rows of sequences that are done."""
+        for i, sequence in enumerate(self.slots):
+            if sequence is not None and sequence.done:
+                self.slots[i] = None
+                self.mask[i] = 0
+                self.positions[i] = 0
+        live = self.live()
+        if not live:
             self._empty()
             return
-        index = torch.tensor([self.rows.index(s) for s in rows], device=self._device)
-        mask = self.mask[index]
-        # Columns that are padding in every remaining row (the departed longest
-        # sequence's past) are cut, so they cost no attention from here on.
-        start = int(mask.any(dim=0).nonzero()[0])
+        # Columns that are padding in every live row: the past of departed sequences.
+        start = int(self.mask[live].any(dim=0).nonzero()[0])
+        if 2 * len(live) <= len(self.slots) or 2 * start >= self.mask.shape[1]:
+            index = torch.tensor(live, device=self._device)
+            assert self.cache is not None
+            for layer in _layers(self.cache):
+                keys, values = layer.contents()
+                layer.set(keys[index, :, start:], values[index, :, start:])
+            self.mask = self.mask[index, start:]
+            self.positions = self.positions[index]
+            self.slots = [self.slots[i] for i in live]
+
+    def join(self, group: _Group) -> None:
+        lengths = torch.tensor([len(s.ids) for s in group.rows], device=self._device)
+        if not self.slots:
+            self.cache = group.cache
+            self.mask, self.positions, self.slots = group.mask, lengths, list(group.rows)
+            return
         assert self.cache is not None
-        for layer in _layers(self.cache):
-            keys, values = layer.contents()
-            layer.set(keys[index, :, start:], values[index, :, start:])
-        self.mask = mask[:, start:]
-        self.positions = self.positions[index]
-        self.rows = rows
+        width, theirs = self.mask.shape[1], group.mask.shape[1]
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        placed = min(len(free), len(group.rows)) if theirs <= width else 0
+        if placed:  # into free rows, right-aligned like every row
+            index = torch.tensor(free[:placed], device=self._device)
+            for mine, new in zip(_layers(self.cache), _layers(group.cache), strict=True):
+                for old, added in zip(mine.contents(), new.contents(), strict=True):
+                    old[index, :, : width - theirs] = 0
+                    old[index, :, width - theirs :] = added[:placed]
+            self.mask[index] = _pad_left(group.mask[:placed], width)
+            self.positions[index] = lengths[:placed]
+            for slot, sequence in zip(free, group.rows[:placed], strict=False):
+                self.slots[slot] = sequence
+        if placed == len(group.rows):
+            return
+        width = max(width, theirs)  # the rest: new rows at the bottom
+        for mine, new in zip(_layers(self.cache), _layers(group.cache), strict=True):
+            mine.set(
+                *(
+                    torch.cat([_pad_left(old, width), _pad_left(added[placed:], width)])
+                    for old, added in zip(mine.contents(), new.contents(), strict=True)
+                )
+            )
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(group.mask[placed:], width)])
+        self.positions = torch.cat([self.positions, lengths[placed:]])
+        self.slots += group.rows[placed:]
 
 
 class _GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformers is untyped here

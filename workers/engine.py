@@ -53,9 +53,8 @@ class Sampler:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self._generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor) -> tuple[int, float]:
+    def __call__(self, logits: torch.Tensor, logprobs: torch.Tensor) -> tuple[int, float]:
         logits = logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
         p = self._params
         if p.temperature == 0:
             token = int(torch.argmax(logits))
