@@ -15,12 +15,12 @@ from schemas import decode_event, is_terminal
 from tokenbus.cli import main
 
 from .conftest import free_port
-from .test_cli import _env, tiny_model_dir  # noqa: F401 (a fixture)
+from .test_cli import _up_env, tiny_model_dir  # noqa: F401 (a fixture)
 
 
 def test_up_audits_what_it_serves(tiny_model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     store = tmp_path / "audit.db"
-    env = _env() | {"TOKENBUS_AUDIT_STORE": str(store)}
+    env = _up_env(tmp_path)
     port = free_port()
     up = subprocess.Popen(
         [sys.executable, "-m", "tokenbus", "up", f"--port={port}",

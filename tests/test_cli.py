@@ -51,8 +51,19 @@ def _env() -> dict[str, str]:
     return env | {"PYTHONUNBUFFERED": "1"}
 
 
+def _up_env(directory: Path) -> dict[str, str]:
+    """For `tokenbus up`: its audit store in ``directory``, not the user's home, and
+    analytics on a free port."""
+    return _env() | {
+        "TOKENBUS_AUDIT_STORE": str(directory / "audit.db"),
+        "TOKENBUS_ANALYTICS_PORT": str(free_port()),
+    }
+
+
 @pytest.fixture
-def running_up(tiny_model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str], int]]:
+def running_up(
+    tiny_model_dir: Path, tmp_path: Path
+) -> Iterator[tuple[str, subprocess.Popen[str], int]]:
     port, broker_port = free_port(), free_port()
     cmd = [
         sys.executable,
@@ -64,7 +75,7 @@ def running_up(tiny_model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str
         f"--model={tiny_model_dir}",
     ]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_up_env(tmp_path)
     )
     assert proc.stdout is not None
     seen = []
