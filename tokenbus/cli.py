@@ -35,8 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=os.environ.get("TOKENBUS_LOG_LEVEL", "INFO"),
             format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         )
-        # SIGTERM (docker stop, systemd) shuts down as cleanly as Ctrl-C does.
+        # SIGTERM (docker stop, systemd) shuts down as cleanly as Ctrl-C does. SIGINT
+        # too, even where it was ignored when we started (a shell's background job):
+        # `up` stops its children with it, and the audit consumer checkpoints on it.
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
         logging.getLogger("httpx").setLevel(logging.WARNING)
         logging.getLogger("aiokafka").setLevel(logging.WARNING)
     try:
