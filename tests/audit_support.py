@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import uuid
@@ -39,6 +38,8 @@ from schemas import (
 )
 from tokenbus.kafka import new_producer
 from tokenbus.settings import AuditSettings, KafkaSettings
+
+from .conftest import running
 
 POSTGRES_URL = os.environ.get("TOKENBUS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 TOPICS = Topics()
@@ -205,15 +206,5 @@ async def auditing(
         store=store_url, group_id=f"{kafka.topic_prefix}audit", from_beginning=from_beginning
     )
     consumer = AuditConsumer(kafka=kafka, settings=settings, store=open_store(store_url), key=key)
-    task = asyncio.create_task(consumer.run())
-    try:
-        async with asyncio.timeout(60):
-            ready = asyncio.create_task(consumer.ready.wait())
-            await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()
+    async with running(consumer.run(), consumer.ready):
         yield consumer
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

@@ -7,9 +7,10 @@ import asyncio
 import contextlib
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -107,14 +108,23 @@ async def working(
     """A real worker in this process, in its own consumer group for this test."""
     settings = WorkerSettings(group_id=f"{kafka.topic_prefix}workers", worker_id=worker_id)
     worker = Worker(kafka=kafka, settings=settings, model=model)
-    task = asyncio.create_task(worker.run())
+    async with running(worker.run(), worker.ready):
+        yield worker
+
+
+@contextlib.asynccontextmanager
+async def running(service: Coroutine[Any, Any, None], ready: asyncio.Event) -> AsyncIterator[None]:
+    """Run ``service`` in the background once ``ready`` is set (60 s at most), and
+    cancel it on the way out. One that crashes first fails the test with its error."""
+    task = asyncio.create_task(service)
     try:
         async with asyncio.timeout(60):
-            ready = asyncio.create_task(worker.ready.wait())
-            await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+            waiting = asyncio.create_task(ready.wait())
+            await asyncio.wait({waiting, task}, return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
         if task.done():
-            task.result()  # a crashed worker fails the test with its error
-        yield worker
+            task.result()
+        yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
