@@ -103,7 +103,26 @@ def _from_directory(directory: Path, *, dtype: torch.dtype, **kwargs: Any) -> tu
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=dtype, local_files_only=True, **kwargs
     )
+    _agree_on_eos(model, tokenizer)
     return model, tokenizer
+
+
+def _agree_on_eos(model: Any, tokenizer: Any) -> None:
+    """Make the tokenizer's end-of-sequence one the model stops at.
+
+    transformers 5.17 reads SmolLM2's GGUF with ``<|im_start|>`` as the tokenizer's
+    eos although the file says ``<|im_end|>`` (id 2, which the generation config
+    has right); anyone ending text at the tokenizer's eos would then run on.
+    """
+    configured = model.generation_config.eos_token_id
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    if ids and tokenizer.eos_token_id not in ids:
+        log.info(
+            "the tokenizer's eos %r is not one the model stops at; using %r",
+            tokenizer.eos_token,
+            tokenizer.convert_ids_to_tokens(ids[0]),
+        )
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ids[0])
 
 
 def _converted_default(cache_dir: Path) -> tuple[Path, str]:
