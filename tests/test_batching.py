@@ -85,13 +85,40 @@ async def test_prompts_prefilled_together_generate_what_each_does_alone(
     smollm: LoadedModel,
 ) -> None:
     # Arriving at once, the prompts (of different lengths) are prefilled in one
-    # left-padded pass, then decoded together.
+    # packed pass, then decoded together.
     requests = [request(p, max_tokens=12) for p in PROMPTS]
     async with GenerationEngine(smollm) as engine:
         results = await asyncio.gather(*(steps_of(engine, r) for r in requests))
     for req, steps in zip(requests, results, strict=True):
         expected = plain_generate(smollm, engine.prompt_ids(req), 12)
         assert token_ids(steps) == expected, req.prompt
+
+
+async def test_a_newcomer_is_prefilled_in_the_same_forward_pass_as_the_decoding(
+    smollm: LoadedModel,
+) -> None:
+    first, second = request(PROMPTS[1], max_tokens=24), request(PROMPTS[3], max_tokens=8)
+    async with GenerationEngine(smollm, ignore_eos=True) as engine:
+        model, steps = engine.scheduler._model, []
+
+        def recording(**inputs: Any) -> Any:
+            steps.append(inputs["input_ids"].shape[1])
+            return model(**inputs)
+
+        engine.scheduler._model = recording
+        started = asyncio.Event()
+        running = asyncio.create_task(steps_of(engine, first, started))
+        await started.wait()
+        joined = await steps_of(engine, second)
+        alone = await running
+    second_prompt = len(engine.prompt_ids(second))
+    # One token of the decoding sequence and the newcomer's whole prompt, packed:
+    # no step of the newcomer's prompt alone.
+    assert 1 + second_prompt in steps
+    assert second_prompt not in steps
+    for req, result in [(first, alone), (second, joined)]:
+        expected = plain_generate(smollm, engine.prompt_ids(req), req.sampling.max_tokens)
+        assert token_ids(result)[: len(expected)] == expected
 
 
 async def test_rows_freed_by_finished_sequences_are_reused_without_a_trace(
