@@ -176,6 +176,9 @@ def run_hf_continuous(
         sizes = ContinuousBatchingConfig(
             num_blocks=128, max_batch_tokens=256, max_requests_per_batch=concurrency
         )
+        # The engine runs the model with its own attention function; the manager
+        # builds on a stock one.
+        model.model.set_attn_implementation("sdpa")
         manager = model.model.init_continuous_batching(
             generation_config=config, continuous_batching_config=sizes
         )
