@@ -189,7 +189,12 @@ def _start_server(kafka: KafkaSettings, server: ServerSettings) -> tuple[asyncio
     uv = uvicorn.Server(
         uvicorn.Config(app, host=server.host, port=server.port, log_level="warning")
     )
-    return asyncio.create_task(uv.serve()), uv
+    serving = asyncio.create_task(uv.serve())
+    # On Ctrl-C uvicorn finishes serving, then raises the signal again for us: the
+    # KeyboardInterrupt ends `up` (exit 130) through the loop, so the task's copy of
+    # it is marked seen here rather than logged as "never retrieved".
+    serving.add_done_callback(lambda task: task.cancelled() or task.exception())
+    return serving, uv
 
 
 _EXAMPLE_BODY = '{"messages": [{"role": "user", "content": "Hi!"}], "temperature": 0.2}'
