@@ -82,6 +82,8 @@ class KVRows:
     def _allocate(self, rows: int, columns: int, keep: tuple[int, int] = (0, 0)) -> None:
         shape = (rows, self.kv_heads, columns, self.head_dim)
         old = self._pairs()
+        # zeros, not empty: attention gives a masked position weight 0, and 0 times
+        # uninitialised memory that happens to be NaN is still NaN.
         self.keys = [
             torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in range(self.layers)
         ]
