@@ -43,6 +43,7 @@ class KVRows:
         self.layers = config.num_hidden_layers
         heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
+        self.group = heads // self.kv_heads  # query heads per key-value head
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         self._dtype, self._device = dtype, device
         self.keys: list[torch.Tensor] = []
@@ -123,6 +124,7 @@ class Packing:
     decoding: torch.Tensor  # [D]: the rows that decode a token
     decode_mask: torch.Tensor | None  # [R, 1, 1, W] bool over rows 0..R-1; None if D = 0
     prefills: tuple[Prefill, ...]
+    prefill_masks: tuple[torch.Tensor, ...]  # causal, [group * length, column + length] each
 
     @classmethod
     def build(
@@ -157,6 +159,14 @@ class Packing:
             decoding=torch.tensor([r for r, _ in decoding], dtype=torch.long, device=device),
             decode_mask=mask,
             prefills=tuple(prefills),
+            # Built once per step, not once per layer. Row g * length + i is query i of
+            # the g-th head of its group (see packed_attention): it sees its own past.
+            prefill_masks=tuple(
+                torch.ones((p.length, p.column + p.length), dtype=torch.bool, device=device)
+                .tril(p.column)
+                .repeat(cache.group, 1)
+                for p in prefills
+            ),
         )
 
 
@@ -180,8 +190,7 @@ def packed_attention(
     keys[packing.rows, :, packing.columns] = key[0].transpose(0, 1)
     values[packing.rows, :, packing.columns] = value[0].transpose(0, 1)
     heads, tokens, d = query.shape[1:]
-    kv_heads = keys.shape[1]
-    group = heads // kv_heads
+    kv_heads, group = keys.shape[1], packing.cache.group
     out = query.new_empty((tokens, heads, d))
     if packing.decode_mask is not None:
         decoded = len(packing.decoding)
@@ -196,15 +205,14 @@ def packed_attention(
             scale=scaling,
         )
         out[:decoded] = attended.view(span, heads, d)[packing.decoding]
-    for p in packing.prefills:
+    for p, visible in zip(packing.prefills, packing.prefill_masks, strict=True):
         end = p.column + p.length
         q = query[0, :, p.start : p.start + p.length]  # [heads, n, d]
-        visible = torch.ones((p.length, end), dtype=torch.bool, device=query.device).tril(p.column)
         attended = functional.scaled_dot_product_attention(
             q.reshape(1, kv_heads, group * p.length, d),
             keys[p.row : p.row + 1, :, :end],
             values[p.row : p.row + 1, :, :end],
-            attn_mask=visible.repeat(group, 1),
+            attn_mask=visible,
             scale=scaling,
         )
         out[p.start : p.start + p.length] = attended.view(heads, p.length, d).transpose(0, 1)
