@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 from producers import TokenbusClient
@@ -22,7 +23,7 @@ from tokenbus.broker import EmbeddedBroker
 from tokenbus.kafka import ensure_topics
 from tokenbus.server import create_app
 from tokenbus.settings import KafkaSettings, ServerSettings, WorkerSettings
-from workers import LoadedModel, Worker, load_model
+from workers import LoadedModel, Worker, compute, load_model
 
 MODEL_CACHE = Path.home() / ".cache" / "tokenbus"
 
@@ -51,6 +52,21 @@ async def eventually(
 def broker() -> Iterator[EmbeddedBroker]:
     with EmbeddedBroker(port=free_port()) as running:
         yield running
+
+
+def generate_alone(model: LoadedModel, ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy ``generate`` for one sequence: the reference the
+    engine is held to. It runs on the compute thread, as the engine does, so that
+    no second OpenMP team slows the rest of the session (see `workers.compute`)."""
+
+    def run() -> list[int]:
+        with torch.inference_mode():
+            out = model.model.generate(
+                torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False
+            )
+        return list(out[0, len(ids) :].tolist())
+
+    return compute.call(run)
 
 
 @pytest.fixture(scope="session")

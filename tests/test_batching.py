@@ -8,11 +8,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-import torch
 
 from schemas import FinishReason, GenerationRequest, uuid7
 from workers import GenerationEngine, LoadedModel
 from workers.engine import Step
+
+from .conftest import generate_alone
 
 PROMPTS = [
     "Hi",
@@ -38,9 +39,7 @@ def request(prompt: str, max_tokens: int, **sampling: Any) -> GenerationRequest:
 
 def plain_generate(model: LoadedModel, ids: list[int], max_tokens: int) -> list[int]:
     """transformers' own generate, one sequence alone, up to its end-of-sequence."""
-    with torch.inference_mode():
-        out = model.model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)
-    tokens: list[int] = out[0, len(ids) :].tolist()
+    tokens = generate_alone(model, ids, max_tokens)
     eos = model.tokenizer.eos_token_id
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
 

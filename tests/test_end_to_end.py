@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-import torch
 from httpx_sse import aconnect_sse
 
 from producers import TokenbusClient
@@ -13,7 +12,16 @@ from schemas import FinishedEvent, StartedEvent, TokenEvent, decode_event
 from tokenbus.settings import KafkaSettings
 from workers import LoadedModel
 
-from .conftest import Stack, assert_complete, collect, eventually, serving, text_of, working
+from .conftest import (
+    Stack,
+    assert_complete,
+    collect,
+    eventually,
+    generate_alone,
+    serving,
+    text_of,
+    working,
+)
 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
@@ -24,10 +32,8 @@ def direct_greedy(model: LoadedModel, messages: list[dict[str, str]], max_tokens
     inputs = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt"
     )
-    ids = inputs["input_ids"]
-    with torch.inference_mode():
-        out = model.model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
-    return str(tokenizer.decode(out[0][ids.shape[1] :], skip_special_tokens=True))
+    generated = generate_alone(model, inputs["input_ids"][0].tolist(), max_tokens)
+    return str(tokenizer.decode(generated, skip_special_tokens=True))
 
 
 async def test_greedy_stream_equals_direct_generation(stack: Stack, smollm: LoadedModel) -> None:

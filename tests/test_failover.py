@@ -16,14 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from producers import TokenbusClient
 from schemas import FinishedEvent, StartedEvent, StreamEvent, TokenEvent
 from tokenbus.settings import KafkaSettings, kafka_env
 from workers import LoadedModel
 
-from .conftest import assert_complete, serving, text_of
+from .conftest import assert_complete, generate_alone, serving, text_of
 
 CHAT = [{"role": "user", "content": "Write a short story about a fox who learns to sail."}]
 
@@ -74,10 +73,7 @@ async def stream_killing_the_worker(
 def greedy_continuation(
     model: LoadedModel, prompt_ids: list[int], prefix: list[int], n: int
 ) -> list[int]:
-    ids = torch.tensor([prompt_ids + prefix])
-    with torch.inference_mode():
-        out = model.model.generate(ids, max_new_tokens=n, do_sample=False)
-    generated = out[0][ids.shape[1] :].tolist()
+    generated = generate_alone(model, prompt_ids + prefix, n)
     eos = model.model.generation_config.eos_token_id
     return [t for t in generated if t != eos]
 

@@ -5,11 +5,11 @@ scheduler is
 
     1. admit waiting sequences, first come first served, while the caps allow
        (``max_batch`` sequences, ``max_batch_tokens`` tokens of KV cache);
-    2. in a worker thread: free the rows of sequences that finished or were
-       released; then one forward pass for everyone: a token for each decoding
-       sequence and, up to ``prefill_chunk`` tokens, the next chunk of each
-       admitted prompt (a long prompt is prefilled over several steps, so it
-       delays everyone's next token by a chunk, not by the whole prompt);
+    2. on the compute thread (`compute`): free the rows of sequences that
+       finished or were released; then one forward pass for everyone: a token for
+       each decoding sequence and, up to ``prefill_chunk`` tokens, the next chunk
+       of each admitted prompt (a long prompt is prefilled over several steps, so
+       it delays everyone's next token by a chunk, not by the whole prompt);
     3. deliver each sampled token to its sequence's queue.
 
 The step's tokens are packed into one flat input, so prefilling a newcomer costs
@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from . import compute
 from .attention import ATTENTION, KVRows, Packing, Prefill
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class Scheduler:
                     await self._wake.wait()
                     continue
                 try:
-                    await asyncio.to_thread(self._iterate)
+                    await compute.run(self._iterate)
                 except Exception as exc:
                     log.exception("a forward pass failed; failing the sequences in it")
                     self._fail(exc, waiting=False)
@@ -188,7 +189,7 @@ class Scheduler:
         self._prefilling = []
         self._rows = _Rows(self._cache)
 
-    # -- the worker thread's side ------------------------------------------------
+    # -- the compute thread's side ------------------------------------------------
 
     @torch.inference_mode()  # the cache's tensors are inference tensors: change them only here
     def _iterate(self) -> None:

@@ -3,8 +3,8 @@ strings and incremental detokenization.
 
 Every `generate()` call is one sequence in a continuously batched scheduler
 (`batching.py`): it joins the running batch when admitted and leaves it when it
-ends, while the others go on. Forward passes run in a thread, so the event loop
-keeps publishing and polling while the model computes.
+ends, while the others go on. Forward passes run on the compute thread, so the
+event loop keeps publishing and polling while the model computes.
 """
 
 from __future__ import annotations

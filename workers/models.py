@@ -20,6 +20,9 @@ import torch
 
 from schemas import DEFAULT_MODEL
 
+from . import compute
+from .packed_linear import pack_linears
+
 log = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,7 +74,14 @@ def load_model(
     cache_dir: Path,
     name: str | None = None,
 ) -> LoadedModel:
-    """Load a model and its tokenizer for generation, offline."""
+    """Load a model and its tokenizer for generation, offline, on the compute thread
+    (see `compute`), where it then runs."""
+    return compute.call(_load, path, device=device, cache_dir=cache_dir, name=name)
+
+
+def _load(
+    path: str | os.PathLike[str] | None, *, device: str, cache_dir: Path, name: str | None
+) -> LoadedModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a belt to the local-path braces below
     target = pick_device(device)
     # bf16 on a GPU; float32 on CPU, where bf16 matmuls are slow and greedy output
@@ -90,7 +100,15 @@ def load_model(
         name = name or directory.name
     model, tokenizer = _from_directory(directory, dtype=dtype)
     model.to(target).eval()
-    log.info("model %s (revision %s) on %s, %s", name, revision[:12], target, dtype)
+    packed = pack_linears(model) if target.type == "cpu" else 0
+    log.info(
+        "model %s (revision %s) on %s, %s, %d linear layers packed for oneDNN",
+        name,
+        revision[:12],
+        target,
+        dtype,
+        packed,
+    )
     return LoadedModel(
         name=name, revision=revision, model=model, tokenizer=tokenizer, device=target
     )
