@@ -12,7 +12,13 @@ issued when one finishes, so the batch stays full until the workload runs out.
 Runs with one request in flight (sequential, and every method at N = 1) take the
 first --requests-at-1 requests only: they would take many minutes, and tokens/s is
 a rate. TTFT is from a request's issue to its first token.
+Decode at batch 1 is also reported against the memory-bandwidth limit: a decode
+step reads every weight once, so it cannot take less than weight bytes ÷ memory
+bandwidth, the bandwidth measured here as a large tensor copy on the device.
 Writes benchmarks/results/worker_throughput.json.
+
+On a GPU the default concurrencies are 1, 8, 32, 128 and 256, and --requests
+defaults to twice the largest, so the batch can stay full.
 
     engine       tokenbus' GenerationEngine (workers/batching.py): continuous batching
     sequential   transformers' generate, one request after another (N = 1 always)
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -103,6 +110,63 @@ async def run_engine(
     return summary(sum(c for c, _ in done), wall, [f for _, f in done])
 
 
+async def decode_at_batch_1(model: LoadedModel, tokens: int = 128) -> dict[str, float]:
+    """The median gap between tokens of one sequence alone, against the least a
+    decode step can take: reading every weight once at the measured bandwidth."""
+    async with GenerationEngine(model, ignore_eos=True) as engine:
+        request = GenerationRequest(
+            request_id=uuid7(),
+            prompt="Write about the sea.",
+            submitted_at=datetime.now(UTC),
+            sampling={"max_tokens": tokens, "temperature": 0},
+        )
+        arrivals = [
+            time.perf_counter()
+            async for step in engine.generate(request, engine.prompt_ids(request))
+            if step.token_ids
+        ]
+    gap = statistics.median(b - a for a, b in itertools.pairwise(arrivals))
+    weights = weight_bytes(model.model)
+    bandwidth = compute.call(copy_bandwidth, model.device)
+    limit = weights / bandwidth
+    return {
+        "ms_per_token": round(gap * 1000, 2),
+        "weight_bytes": weights,
+        "memory_bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
+        "limit_ms_per_token": round(limit * 1000, 2),
+        "fraction_of_limit": round(limit / gap, 3),
+    }
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads: every weight but the input embedding table, of
+    which it reads one row (a tied output projection is counted, as the layer that
+    reads it all)."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            seen[id(t)] = t.numel() * t.element_size()  # a tied weight is one tensor
+    return sum(seen.values())
+
+
+def copy_bandwidth(device: torch.device, size: int = 1 << 30) -> float:
+    """Bytes per second read and written by copying a large tensor, best of five."""
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size / best
+
+
 def encode(model: LoadedModel, work: list[tuple[str, int]]) -> list[list[int]]:
     return [list(model.tokenizer(prompt)["input_ids"]) for prompt, _ in work]
 
@@ -170,7 +234,7 @@ def run_hf_continuous(
     model: LoadedModel, work: list[tuple[str, int]], concurrency: int
 ) -> dict[str, Any]:
     try:
-        config = GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n in work))
+        config = GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n in work))  # type: ignore[no-untyped-call]
         # Sized like the engine's defaults; left to itself, on a CPU it sizes its paged
         # cache from free memory, and on this machine the kernel killed it for that.
         sizes = ContinuousBatchingConfig(
@@ -218,8 +282,8 @@ def run_hf_continuous(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, nargs="+")
+    parser.add_argument("--requests", type=int)
     parser.add_argument("--requests-at-1", type=int, default=32)
     parser.add_argument("--mean-tokens", type=float, default=24)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -227,12 +291,17 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["static", "hf_cb"])
     args = parser.parse_args()
     model = load_model(cache_dir=CACHE, device=args.device)
+    on_gpu = model.device.type == "cuda"
+    args.concurrency = args.concurrency or ([1, 8, 32, 128, 256] if on_gpu else [1, 8, 32])
+    args.requests = args.requests or max(128, 2 * max(args.concurrency))
     work = workload(args.requests, args.mean_tokens, args.max_tokens, seed=0)
     few = work[: args.requests_at_1]
     asyncio.run(run_engine(model, workload(8, 16, 16, seed=1), 8))  # warm up: page in weights
     # On the compute thread, as the engine's forward passes are: one OpenMP team.
     sequential = compute.call(run_sequential, model, few)
     print("sequential", sequential, flush=True)
+    batch_1 = asyncio.run(decode_at_batch_1(model))
+    print("decode at batch 1", batch_1, flush=True)
     results: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or '?'}",
         "device": str(model.device)
@@ -247,6 +316,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "sequential": sequential,
+        "decode_batch_1": batch_1,
         "concurrent": {},
     }
     for n in args.concurrency:
