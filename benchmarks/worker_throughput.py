@@ -15,7 +15,7 @@ a rate. TTFT is from a request's issue to its first token.
 Decode at batch 1 is also reported against the memory-bandwidth limit: a decode
 step reads every weight once, so it cannot take less than weight bytes ÷ memory
 bandwidth, the bandwidth measured here as a large tensor copy on the device.
-Writes benchmarks/results/worker_throughput.json.
+Writes benchmarks/results/worker_throughput.json (or --out).
 
 On a GPU the default concurrencies are 1, 8, 32, 128 and 256, and --requests
 defaults to twice the largest, so the batch can stay full.
@@ -288,9 +288,19 @@ def main() -> None:
     parser.add_argument("--mean-tokens", type=float, default=24)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"default: {RESULTS}")
+    parser.add_argument("--model", help="a local model directory (default: SmolLM2)")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="the --model's architecture with seeded random weights: where only its "
+        "config.json and tokenizer can go (the GPU machine); same speed, nonsense text",
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["static", "hf_cb"])
     args = parser.parse_args()
-    model = load_model(cache_dir=CACHE, device=args.device)
+    model = load_model(
+        args.model, cache_dir=CACHE, device=args.device, random_weights=args.random_weights
+    )
     on_gpu = model.device.type == "cuda"
     args.concurrency = args.concurrency or ([1, 8, 32, 128, 256] if on_gpu else [1, 8, 32])
     args.requests = args.requests or max(128, 2 * max(args.concurrency))
@@ -308,6 +318,7 @@ def main() -> None:
         + (f" ({torch.cuda.get_device_name()})" if model.device.type == "cuda" else ""),
         "torch_threads": torch.get_num_threads(),
         "model": model.name,
+        "weights": "random (seeded)" if args.random_weights else model.revision,
         "dtype": str(model.model.dtype),
         "requests": args.requests,
         "requests_at_1": args.requests_at_1,
@@ -333,9 +344,9 @@ def main() -> None:
         }
         results["concurrent"][str(n)] = run
         print(n, json.dumps(run), flush=True)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers import LoadedModel
+from workers import LoadedModel, compute
 
 from .conftest import free_port
 
@@ -29,7 +29,11 @@ def tiny_model_dir(smollm: LoadedModel, tmp_path_factory: pytest.TempPathFactory
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = tmp_path_factory.mktemp("tiny-model")
-    torch.manual_seed(0)
+
+    def build() -> None:  # on the compute thread, where models are built and run
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(directory)
+
     config = LlamaConfig(
         vocab_size=len(smollm.tokenizer),
         hidden_size=32,
@@ -41,7 +45,7 @@ def tiny_model_dir(smollm: LoadedModel, tmp_path_factory: pytest.TempPathFactory
         eos_token_id=2,
         bos_token_id=1,
     )
-    LlamaForCausalLM(config).save_pretrained(directory)
+    compute.call(build)
     smollm.tokenizer.save_pretrained(directory)
     return directory
 

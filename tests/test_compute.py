@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from schemas import GenerationRequest, uuid7
-from workers import GenerationEngine, LoadedModel, compute
+from workers import GenerationEngine, LoadedModel, compute, load_model
 from workers.packed_linear import PackedLinear, pack_linears
 
 
@@ -70,3 +71,37 @@ def test_a_call_from_the_compute_thread_runs_in_place() -> None:
     assert compute.call(compute.call, threading.current_thread) is compute.call(
         threading.current_thread
     )
+
+
+def test_random_weights_need_only_the_config_and_the_tokenizer(
+    smollm: LoadedModel, tmp_path: Path
+) -> None:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=len(smollm.tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    config.save_pretrained(tmp_path)
+    smollm.tokenizer.save_pretrained(tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.suffix in {".safetensors", ".bin"}]
+    first, second = (
+        load_model(tmp_path, device="cpu", cache_dir=tmp_path, random_weights=True)
+        for _ in range(2)
+    )
+    assert first.revision.startswith("random-")
+    assert first.model.config.hidden_size == 32
+    # Seeded: two loads are the same model.
+    ids = torch.tensor([[1, 2, 3, 4]])
+
+    def logits(loaded: LoadedModel) -> torch.Tensor:
+        with torch.inference_mode():
+            return loaded.model(ids).logits
+
+    torch.testing.assert_close(compute.call(logits, first), compute.call(logits, second))

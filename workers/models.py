@@ -73,14 +73,28 @@ def load_model(
     device: str = "auto",
     cache_dir: Path,
     name: str | None = None,
+    random_weights: bool = False,
 ) -> LoadedModel:
     """Load a model and its tokenizer for generation, offline, on the compute thread
-    (see `compute`), where it then runs."""
-    return compute.call(_load, path, device=device, cache_dir=cache_dir, name=name)
+    (see `compute`), where it then runs.
+
+    ``random_weights`` builds the architecture of the directory's config.json with
+    seeded random weights, and needs only the config and the tokenizer there: for
+    measuring speed where the weights cannot go (the default model's 85 MB GGUF is
+    more than travels to the GPU machine), never for serving.
+    """
+    return compute.call(
+        _load, path, device=device, cache_dir=cache_dir, name=name, random_weights=random_weights
+    )
 
 
 def _load(
-    path: str | os.PathLike[str] | None, *, device: str, cache_dir: Path, name: str | None
+    path: str | os.PathLike[str] | None,
+    *,
+    device: str,
+    cache_dir: Path,
+    name: str | None,
+    random_weights: bool,
 ) -> LoadedModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a belt to the local-path braces below
     target = pick_device(device)
@@ -96,9 +110,11 @@ def _load(
             raise ModelLoadError(
                 f"{directory} is not a transformers model directory (no config.json)"
             )
-        revision = _weights_hash(directory)
+        revision = "" if random_weights else _weights_hash(directory)
         name = name or directory.name
-    model, tokenizer = _from_directory(directory, dtype=dtype)
+    if random_weights:
+        revision = "random-" + _sha256(directory / "config.json")
+    model, tokenizer = _from_directory(directory, dtype=dtype, random_weights=random_weights)
     model.to(target).eval()
     packed = pack_linears(model) if target.type == "cpu" else 0
     log.info(
@@ -114,13 +130,20 @@ def _load(
     )
 
 
-def _from_directory(directory: Path, *, dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _from_directory(
+    directory: Path, *, dtype: torch.dtype, random_weights: bool = False, **kwargs: Any
+) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, local_files_only=True, **kwargs
-    )
+    if random_weights:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, local_files_only=True, **kwargs
+        )
     _agree_on_eos(model, tokenizer)
     return model, tokenizer
 
