@@ -172,6 +172,37 @@ async def test_the_batch_never_exceeds_its_caps(
     assert all(len(token_ids(steps)) == 30 for steps in results)
 
 
+async def test_the_token_cap_counts_every_row_as_long_as_the_longest(
+    smollm: LoadedModel,
+) -> None:
+    # One long budget (prompt ~30 + 60) among short ones (~10 + 5): counted as the
+    # rows are laid out, two fit in 200 positions while the long one runs; summing
+    # budgets would have let in seven.
+    long = request(PROMPTS[1], max_tokens=60)
+    short = [request(p, max_tokens=5) for p in PROMPTS[2:8]]
+    async with GenerationEngine(smollm, ignore_eos=True, max_batch_tokens=200) as engine:
+        scheduler = engine.scheduler
+        longest = len(engine.prompt_ids(long)) + 60
+        alongside: list[int] = []  # sequences in flight, seen while the long one runs
+
+        async def run(req: GenerationRequest) -> list[Step]:
+            steps = []
+            async for step in engine.generate(req, engine.prompt_ids(req)):
+                if not first.done():
+                    alongside.append(scheduler.in_flight)
+                steps.append(step)
+            return steps
+
+        started = asyncio.Event()
+        first = asyncio.create_task(steps_of(engine, long, started))
+        await started.wait()
+        results = await asyncio.gather(*(run(r) for r in short))
+        await first
+    assert 200 // longest == 2
+    assert max(alongside) == 2
+    assert all(len(token_ids(steps)) == 5 for steps in results)
+
+
 async def test_a_sequence_that_stops_early_leaves_the_others_unchanged(
     smollm: LoadedModel,
 ) -> None:

@@ -92,7 +92,10 @@ class WorkerSettings(_Settings):
     max_queued: int = Field(default=8, ge=1, description="requests fetched ahead of generation")
     max_batch: int = Field(default=32, ge=1, description="sequences generated at once")
     max_batch_tokens: int = Field(
-        default=32_768, ge=1, description="KV cache tokens (prompt + max_tokens) reserved at once"
+        default=32_768,
+        ge=1,
+        description="KV cache positions reserved at once: sequences times the longest "
+        "prompt + max_tokens among them",
     )
     prefill_chunk: int = Field(
         default=256, ge=1, description="prompt tokens prefilled per step, between decode steps"

@@ -20,7 +20,10 @@ joins takes a row freed by one that left, so steady churn copies no cache.
 
 Admission reserves a sequence's whole budget (prompt + every token it may
 generate), so a sequence once admitted always runs to its end: nothing is ever
-preempted or recomputed. A sequence larger than the token cap is admitted alone.
+preempted or recomputed. Since every row is as long as the longest, the budgets
+are counted as the cache lays them out: sequences times the longest budget of them
+stays within ``max_batch_tokens``, which so bounds the cache's memory. A sequence
+larger than the token cap is admitted alone.
 """
 
 from __future__ import annotations
@@ -158,13 +161,15 @@ class Scheduler:
         self._prefilling = [s for s in self._prefilling if not s.done]
 
     def _admit(self) -> None:
-        reserved = sum(s.budget for s in self._admitted() if not s.done)
-        while self._waiting and self.in_flight < self.max_batch:
+        running = [s.budget for s in self._admitted() if not s.done]
+        count, longest = len(running), max(running, default=0)
+        while self._waiting and count < self.max_batch:
             head = self._waiting[0]
-            if self.in_flight and reserved + head.budget > self.max_batch_tokens:
+            # Rows as long as the longest (KVRows): the cache holds count * longest.
+            if count and (count + 1) * max(longest, head.budget) > self.max_batch_tokens:
                 break  # first come first served: nobody overtakes the head
             self._prefilling.append(self._waiting.popleft())
-            reserved += head.budget
+            count, longest = count + 1, max(longest, head.budget)
 
     def _deliver(self) -> None:
         for sequence in self._admitted():
