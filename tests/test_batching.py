@@ -245,22 +245,55 @@ async def test_resumed_tokens_are_prefilled_not_generated_again(smollm: LoadedMo
     assert whole[:7] + token_ids(steps) == whole
 
 
-async def test_a_failed_forward_pass_fails_its_sequences_and_the_engine_goes_on(
+async def test_a_step_that_fails_fails_only_the_sequences_that_fail_alone(
     smollm: LoadedModel,
 ) -> None:
-    async with GenerationEngine(smollm, ignore_eos=True) as engine:
-        model, calls = engine.scheduler._model, 0
+    good = [request(p, max_tokens=12) for p in PROMPTS[2:5]]
+    bad = request("Zebras juggle xylophones", max_tokens=12)
+    async with GenerationEngine(smollm) as engine:
+        model, marker = engine.scheduler._model, engine.prompt_ids(bad)[-1]
+        assert all(marker not in engine.prompt_ids(r) for r in good)
+        passes: list[int] = []
 
-        def fails_on_the_third_call(**inputs: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            if calls == 3:
+        def fails_with_the_marker(**inputs: Any) -> Any:
+            passes.append(inputs["input_ids"].shape[1])
+            if marker in inputs["input_ids"][0].tolist():
                 raise RuntimeError("injected failure")
             return model(**inputs)
 
-        engine.scheduler._model = fails_on_the_third_call
-        with pytest.raises(RuntimeError, match="injected failure"):
-            await steps_of(engine, request("Hi there", max_tokens=10))
-        after = await steps_of(engine, request("Hi there", max_tokens=10))
+        engine.scheduler._model = fails_with_the_marker
+        results = await asyncio.gather(
+            *(steps_of(engine, r) for r in [*good, bad]), return_exceptions=True
+        )
+        after = await steps_of(engine, request("Hi there", max_tokens=10))  # goes on
         assert engine.scheduler.in_flight == 0
-    assert len(token_ids(after)) == 10
+    *fine, failed = results
+    assert isinstance(failed, RuntimeError) and "injected failure" in str(failed)
+    # The batch mates went on as if the bad one had never been there.
+    for req, steps in zip(good, fine, strict=True):
+        assert not isinstance(steps, BaseException)
+        assert token_ids(steps) == plain_generate(smollm, engine.prompt_ids(req), 12)
+    assert after[-1].finish_reason is not None
+    assert sum(len(engine.prompt_ids(r)) for r in [*good, bad]) in passes  # packed first
+
+
+async def test_a_sampler_that_fails_fails_only_its_sequence(smollm: LoadedModel) -> None:
+    good, bad = request(PROMPTS[3], max_tokens=8), request(PROMPTS[4], max_tokens=8)
+    async with GenerationEngine(smollm) as engine:
+        real = engine.scheduler.submit
+
+        def submit(ids: list[int], sample: Any, **kwargs: Any) -> Any:
+            if ids == engine.prompt_ids(bad):
+
+                def sample(logits: Any, logprobs: Any) -> Any:
+                    raise ValueError("injected sampler failure")
+
+            return real(ids, sample, **kwargs)
+
+        engine.scheduler.submit = submit  # type: ignore[method-assign]
+        done, failed = await asyncio.gather(
+            steps_of(engine, good), steps_of(engine, bad), return_exceptions=True
+        )
+    assert isinstance(failed, ValueError)
+    assert not isinstance(done, BaseException)
+    assert token_ids(done) == plain_generate(smollm, engine.prompt_ids(good), 8)

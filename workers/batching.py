@@ -64,6 +64,7 @@ class Sequence:
     last: int = -1  # the token the next decode step feeds
     sampled: tuple[int, float] | None = None  # by the last iteration, not yet delivered
     row: int | None = None  # its row of the KV cache, once its prefill has begun
+    failure: BaseException | None = None  # its sampler's, by the last iteration
     done: bool = False  # no more tokens will be generated for it
 
     @property
@@ -134,8 +135,8 @@ class Scheduler:
         self._wake.set()
 
     async def run(self) -> None:
-        """Schedule until cancelled. A failed forward pass fails the sequences in it,
-        not the scheduler."""
+        """Schedule until cancelled. A sequence whose step fails is failed, not the
+        scheduler, nor the sequences that shared the step with it."""
         try:
             while True:
                 self._drop_done()
@@ -144,16 +145,37 @@ class Scheduler:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                try:
-                    await compute.run(self._iterate)
-                except Exception as exc:
-                    log.exception("a forward pass failed; failing the sequences in it")
-                    self._fail(exc, waiting=False)
-                    continue
+                await self._step()
                 self._deliver()
         finally:
             self._stopped = True
-            self._fail(EngineStopped("the engine stopped"), waiting=True)
+            self._fail_all(EngineStopped("the engine stopped"))
+
+    async def _step(self) -> None:
+        """One forward pass for everyone. If it raises, each sequence is stepped alone,
+        and only those that fail alone are failed: one request's crash is not its
+        batch mates'. A failed pass changed nothing a retry does not write again (its
+        keys and values go where the retry writes them, and counts move only after
+        the pass)."""
+        try:
+            await compute.run(self._iterate)
+            return
+        except Exception:
+            log.exception("a forward pass failed; stepping its sequences one at a time")
+        survived = False
+        for sequence in self._admitted():
+            if sequence.done:
+                continue
+            try:
+                await compute.run(self._iterate, sequence)
+                survived = True
+            except Exception as exc:
+                log.exception("a sequence failed its step alone too; failing it")
+                sequence.done = True
+                sequence.tokens.put_nowait(exc)
+        if not survived:
+            # Whatever failed may lie in the rows' bookkeeping: start it afresh.
+            self._rows = _Rows(self._cache)
 
     # -- the asyncio side: runs only while no forward pass is in flight ----------
 
@@ -174,6 +196,10 @@ class Scheduler:
     def _deliver(self) -> None:
         for sequence in self._admitted():
             token, sequence.sampled = sequence.sampled, None
+            if sequence.failure is not None:
+                sequence.done = True
+                sequence.tokens.put_nowait(sequence.failure)
+                continue
             if token is None:
                 continue
             sequence.tokens.put_nowait(token)
@@ -182,26 +208,25 @@ class Scheduler:
                 sequence.done = True
         self._prefilling = [s for s in self._prefilling if s.prefilled < len(s.ids)]
 
-    def _fail(self, error: BaseException, *, waiting: bool) -> None:
-        """Fail the sequences in flight, and the waiting ones too if ``waiting``."""
-        failed = self._admitted()
-        if waiting:
-            failed += self._waiting
-            self._waiting.clear()
-        for sequence in failed:
-            sequence.done = True
-            sequence.tokens.put_nowait(error)
+    def _fail_all(self, error: BaseException) -> None:
+        """Fail the sequences in flight and the waiting ones."""
+        for sequence in self._admitted() + list(self._waiting):
+            if not sequence.done:
+                sequence.done = True
+                sequence.tokens.put_nowait(error)
+        self._waiting.clear()
         self._prefilling = []
         self._rows = _Rows(self._cache)
 
     # -- the compute thread's side ------------------------------------------------
 
     @torch.inference_mode()  # the cache's tensors are inference tensors: change them only here
-    def _iterate(self) -> None:
+    def _iterate(self, only: Sequence | None = None) -> None:
+        """One step of every sequence in flight, or of ``only``."""
         self._rows.leave()
-        decoding = [s for s in self._rows.sequences if s.cached >= len(s.ids)]
+        decoding = [s for s in self._rows.sequences if s.cached >= len(s.ids) and only in (None, s)]
         chunks, budget = [], self.prefill_chunk
-        for sequence in self._prefilling:
+        for sequence in (s for s in self._prefilling if only in (None, s)):
             if budget <= 0:
                 break
             if sequence.row is None:
@@ -254,7 +279,11 @@ def _sample(sequences: list[Sequence], logits: torch.Tensor) -> None:
     """Each sequence's next token from its row of ``logits``, by its own sampler."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # one op for the whole batch
     for sequence, row, row_logprobs in zip(sequences, logits, logprobs, strict=True):
-        sequence.sampled = sequence.sample(row, row_logprobs)
+        try:
+            sequence.sampled = sequence.sample(row, row_logprobs)
+        except Exception as exc:  # noqa: BLE001  # its own failure, delivered as its end
+            sequence.failure = exc
+            continue
         sequence.last = sequence.sampled[0]
 
 
