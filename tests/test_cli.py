@@ -67,7 +67,9 @@ def _up_env(directory: Path) -> dict[str, str]:
 @pytest.fixture
 def running_up(
     tiny_model_dir: Path, tmp_path: Path
-) -> Iterator[tuple[str, subprocess.Popen[str], int]]:
+) -> Iterator[tuple[str, subprocess.Popen[str], int, list[str]]]:
+    """`tokenbus up` until it says it is ready: its URL, process, broker port and
+    what it printed until then."""
     port, broker_port = free_port(), free_port()
     cmd = [
         sys.executable,
@@ -90,7 +92,7 @@ def running_up(
     else:
         pytest.fail("tokenbus up exited before it was ready:\n" + "".join(seen))
     try:
-        yield f"http://127.0.0.1:{port}", proc, broker_port
+        yield f"http://127.0.0.1:{port}", proc, broker_port, seen
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -100,9 +102,13 @@ def running_up(
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_up_serves_a_prompt_and_a_signal_stops_everything(
-    running_up: tuple[str, subprocess.Popen[str], int], tiny_model_dir: Path, stop_signal: int
+    running_up: tuple[str, subprocess.Popen[str], int, list[str]],
+    tiny_model_dir: Path,
+    stop_signal: int,
 ) -> None:
-    url, proc, broker_port = running_up
+    url, proc, broker_port, printed = running_up
+    # Ready means the worker serves, not only the API (loading a model takes seconds).
+    assert any("serving" in line and "worker" in line for line in printed), printed
     submit = subprocess.run(
         [sys.executable, "-m", "tokenbus", "submit", "Hello there", "--follow",
          "--max-tokens=6", f"--url={url}"],
@@ -119,9 +125,9 @@ def test_up_serves_a_prompt_and_a_signal_stops_everything(
 
 
 def test_killed_up_leaves_no_broker_or_worker_behind(
-    running_up: tuple[str, subprocess.Popen[str], int], tiny_model_dir: Path
+    running_up: tuple[str, subprocess.Popen[str], int, list[str]], tiny_model_dir: Path
 ) -> None:
-    _, proc, broker_port = running_up
+    _, proc, broker_port, _ = running_up
     assert _processes_with(str(tiny_model_dir)) != []
     proc.kill()
     proc.wait()
@@ -139,6 +145,16 @@ def _listening(port: int) -> bool:
 def _processes_with(text: str) -> list[str]:
     found = subprocess.run(["pgrep", "-af", f"tokenbus.*{text}"], capture_output=True, text=True)
     return [line for line in found.stdout.splitlines() if "pgrep" not in line]
+
+
+def test_a_worker_without_its_model_says_what_is_missing(tmp_path: Path) -> None:
+    worker = subprocess.run(
+        [sys.executable, "-m", "tokenbus", "worker", f"--model={tmp_path}"],
+        capture_output=True, text=True, timeout=120, env=_env(),
+    )  # fmt: skip
+    assert worker.returncode == 1
+    assert f"tokenbus worker: {tmp_path} is not a transformers model directory" in worker.stderr
+    assert "Traceback" not in worker.stderr
 
 
 def test_unknown_command_is_a_usage_error() -> None:

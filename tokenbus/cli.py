@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -88,9 +88,16 @@ async def _run_stack(
     from .kafka import ensure_topics
 
     await ensure_topics(kafka)
+    # The worker says on this pipe when it serves (loading the model takes seconds),
+    # and `up` is ready then, not before; if it dies first, the pipe just closes.
+    ready_fd, worker_fd = os.pipe()
     worker = await asyncio.create_subprocess_exec(
-        *worker_cmd, env=os.environ | kafka_env(kafka), preexec_fn=die_with_parent
+        *worker_cmd,
+        env=os.environ | kafka_env(kafka) | {"TOKENBUS_READY_FD": str(worker_fd)},
+        pass_fds=(worker_fd,),
+        preexec_fn=die_with_parent,
     )
+    os.close(worker_fd)
     # The audit consumer (on SQLite: TOKENBUS_AUDIT_STORE, default under ~/.local/share).
     audit = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tokenbus", "audit", "run",
@@ -101,7 +108,7 @@ async def _run_stack(
     serving, uv = _start_server(kafka, server)
     watching = {asyncio.create_task(child.wait()): name for name, child in children.items()}
     try:
-        await _announce(server, serving, since=started)
+        await _announce(server, serving, since=started, worker_ready=_ready_line(ready_fd))
         await asyncio.wait({serving, *watching}, return_when=asyncio.FIRST_COMPLETED)
         ended = [name for task, name in watching.items() if task.done()]
         if ended:
@@ -200,8 +207,24 @@ def _start_server(kafka: KafkaSettings, server: ServerSettings) -> tuple[asyncio
 _EXAMPLE_BODY = '{"messages": [{"role": "user", "content": "Hi!"}], "temperature": 0.2}'
 
 
+async def _ready_line(fd: int) -> bool:
+    """Whether a line came on the pipe ``fd`` before it closed."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb")
+    )
+    try:
+        return bool(await reader.readline())
+    finally:
+        transport.close()
+
+
 async def _announce(
-    server: ServerSettings, serving: asyncio.Task[None], since: float | None
+    server: ServerSettings,
+    serving: asyncio.Task[None],
+    since: float | None,
+    worker_ready: Coroutine[Any, Any, bool] | None = None,
 ) -> None:
     import httpx
 
@@ -213,7 +236,11 @@ async def _announce(
                     break
             await asyncio.sleep(0.1)  # polling our own readiness; ends with the server
     if serving.done():
+        if worker_ready is not None:
+            worker_ready.close()
         return
+    if worker_ready is not None and not await worker_ready:
+        return  # the worker died before it served: `up` is stopping
     took = f" in {time.perf_counter() - since:.1f}s" if since is not None else ""
     print(
         f"\ntokenbus is ready{took}: {base}  (web page: {base}/)\n"
@@ -226,20 +253,40 @@ async def _announce(
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from workers import Worker, load_model
+    from workers import ModelLoadError, Worker, load_model
 
     kafka = KafkaSettings()
     settings = WorkerSettings(
         **_given(model=args.model, device=args.device, max_batch=args.max_batch)
     )
-    loaded = load_model(
-        settings.model,
-        device=settings.device,
-        cache_dir=settings.cache_dir,
-        name=settings.model_name,
-    )
-    asyncio.run(Worker(kafka=kafka, settings=settings, model=loaded).run())
+    try:
+        loaded = load_model(
+            settings.model,
+            device=settings.device,
+            cache_dir=settings.cache_dir,
+            name=settings.model_name,
+        )
+    except ModelLoadError as exc:
+        raise SystemExit(f"tokenbus worker: {exc}") from None
+    asyncio.run(_run_worker(Worker(kafka=kafka, settings=settings, model=loaded), settings))
     return 0
+
+
+async def _run_worker(worker: Any, settings: WorkerSettings) -> None:
+    """Serve; and once serving, say so on ``ready_fd``, for `tokenbus up`."""
+    if settings.ready_fd is None:
+        await worker.run()
+        return
+    ready_fd = settings.ready_fd
+
+    async def tell() -> None:
+        await worker.ready.wait()
+        os.write(ready_fd, b"ready\n")
+        os.close(ready_fd)
+
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(worker.run())
+        tasks.create_task(tell())
 
 
 # -- audit ----------------------------------------------------------------------
