@@ -55,6 +55,12 @@ class KVRows:
         return self.keys[0].shape[0]
 
     @property
+    def bytes_per_position(self) -> int:
+        """What one token's keys and values take, over all layers."""
+        element = torch.empty((), dtype=self._dtype).element_size()
+        return int(2 * self.layers * self.kv_heads * self.head_dim * element)
+
+    @property
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 

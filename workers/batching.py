@@ -103,6 +103,13 @@ class Scheduler:
         model.set_attn_implementation(ATTENTION)
         self._cache = KVRows(model.config, dtype=model.dtype, device=device)
         self._rows = _Rows(self._cache)
+        log.info(
+            "batching up to %d sequences; KV cache up to %d positions, %.2f GB "
+            "(TOKENBUS_MAX_BATCH_TOKENS; growing by doubling can take up to twice that)",
+            max_batch,
+            max_batch_tokens,
+            max_batch_tokens * self._cache.bytes_per_position / 1e9,
+        )
         self._wake = asyncio.Event()
         self._stopped = False
 
