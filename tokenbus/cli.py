@@ -11,9 +11,9 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .children import die_with_parent
 from .settings import (
@@ -24,6 +24,9 @@ from .settings import (
     WorkerSettings,
     kafka_env,
 )
+
+if TYPE_CHECKING:
+    from workers import Worker  # imported where used: torch is slow to import
 
 log = logging.getLogger("tokenbus")
 
@@ -108,7 +111,7 @@ async def _run_stack(
     serving, uv = _start_server(kafka, server)
     watching = {asyncio.create_task(child.wait()): name for name, child in children.items()}
     try:
-        await _announce(server, serving, since=started, worker_ready=_ready_line(ready_fd))
+        await _announce(server, serving, since=started, worker_ready_fd=ready_fd)
         await asyncio.wait({serving, *watching}, return_when=asyncio.FIRST_COMPLETED)
         ended = [name for task, name in watching.items() if task.done()]
         if ended:
@@ -224,7 +227,7 @@ async def _announce(
     server: ServerSettings,
     serving: asyncio.Task[None],
     since: float | None,
-    worker_ready: Coroutine[Any, Any, bool] | None = None,
+    worker_ready_fd: int | None = None,
 ) -> None:
     import httpx
 
@@ -236,10 +239,8 @@ async def _announce(
                     break
             await asyncio.sleep(0.1)  # polling our own readiness; ends with the server
     if serving.done():
-        if worker_ready is not None:
-            worker_ready.close()
         return
-    if worker_ready is not None and not await worker_ready:
+    if worker_ready_fd is not None and not await _ready_line(worker_ready_fd):
         return  # the worker died before it served: `up` is stopping
     took = f" in {time.perf_counter() - since:.1f}s" if since is not None else ""
     print(
@@ -272,7 +273,7 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_worker(worker: Any, settings: WorkerSettings) -> None:
+async def _run_worker(worker: Worker, settings: WorkerSettings) -> None:
     """Serve; and once serving, say so on ``ready_fd``, for `tokenbus up`."""
     if settings.ready_fd is None:
         await worker.run()
