@@ -138,8 +138,9 @@ def _from_directory(
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
     if random_weights:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
+        with torch.random.fork_rng():  # seeded, without reseeding anyone else
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
     else:
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, local_files_only=True, **kwargs
