@@ -269,7 +269,13 @@ def _worker(args: argparse.Namespace) -> int:
         )
     except ModelLoadError as exc:
         raise SystemExit(f"tokenbus worker: {exc}") from None
-    asyncio.run(_run_worker(Worker(kafka=kafka, settings=settings, model=loaded), settings))
+    worker = Worker(kafka=kafka, settings=settings, model=loaded)
+    if settings.worker_metrics_port is not None:
+        from workers.metrics import serve_metrics
+
+        serve_metrics(worker.engine.scheduler, settings.worker_metrics_port)
+        log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+    asyncio.run(_run_worker(worker, settings))
     return 0
 
 

@@ -107,6 +107,9 @@ class WorkerSettings(_Settings):
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
     max_poll_interval_ms: int = 60_000
+    worker_metrics_port: int | None = Field(
+        default=None, description="serve the worker's Prometheus metrics here"
+    )
     ready_fd: int | None = Field(
         default=None,
         description="a pipe to write 'ready' to once serving (`tokenbus up` passes one)",

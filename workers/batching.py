@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,17 @@ class Sequence:
         return item
 
 
+@dataclass
+class SchedulerStats:
+    """Counts since the scheduler started (the worker's metrics read them)."""
+
+    steps: int = 0  # forward passes for everyone (a failed one included)
+    step_seconds: float = 0.0
+    failed_steps: int = 0  # forward passes that raised (each then run one sequence at a time)
+    prompt_tokens: int = 0  # prefilled
+    generated_tokens: int = 0  # sampled and delivered
+
+
 class Scheduler:
     def __init__(
         self,
@@ -112,11 +124,28 @@ class Scheduler:
         )
         self._wake = asyncio.Event()
         self._stopped = False
+        self.stats = SchedulerStats()
 
     @property
     def in_flight(self) -> int:
         """Sequences admitted and not done."""
         return sum(not s.done for s in self._admitted())
+
+    @property
+    def waiting(self) -> int:
+        """Sequences submitted and not yet admitted."""
+        return len(self._waiting)
+
+    @property
+    def reserved_positions(self) -> int:
+        """KV cache positions the sequences in flight may fill, as rows lay them out."""
+        budgets = [s.budget for s in self._admitted() if not s.done]
+        return len(budgets) * max(budgets, default=0)
+
+    @property
+    def allocated_positions(self) -> int:
+        """KV cache positions allocated now: rows times capacity."""
+        return self._cache.rows * self._cache.capacity
 
     def _admitted(self) -> list[Sequence]:
         # A prompt being prefilled is in both lists once it has a row.
@@ -164,11 +193,16 @@ class Scheduler:
         batch mates'. A failed pass changed nothing a retry does not write again (its
         keys and values go where the retry writes them, and counts move only after
         the pass)."""
+        started = time.perf_counter()
         try:
             await compute.run(self._iterate)
             return
         except Exception:
             log.exception("a forward pass failed; stepping its sequences one at a time")
+            self.stats.failed_steps += 1
+        finally:
+            self.stats.steps += 1
+            self.stats.step_seconds += time.perf_counter() - started
         survived = False
         for sequence in self._admitted():
             if sequence.done:
@@ -211,6 +245,7 @@ class Scheduler:
                 continue
             sequence.tokens.put_nowait(token)
             sequence.generated += 1
+            self.stats.generated_tokens += 1
             if sequence.generated >= sequence.max_new or token[0] in sequence.stop_ids:
                 sequence.done = True
         self._prefilling = [s for s in self._prefilling if s.prefilled < len(s.ids)]
@@ -274,6 +309,7 @@ class Scheduler:
             sequence.cached += 1
         for sequence, size in chunks:
             sequence.cached += size
+            self.stats.prompt_tokens += size
         _sample(decoding + [s for s, _ in ending], logits)
 
 

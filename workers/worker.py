@@ -98,6 +98,10 @@ class Worker:
     def worker_id(self) -> str:
         return self._settings.worker_id
 
+    @property
+    def engine(self) -> GenerationEngine:
+        return self._engine
+
     async def run(self) -> None:
         """Serve until cancelled."""
         topics = self._kafka.topics

@@ -1,0 +1,62 @@
+"""The worker's Prometheus metrics (``TOKENBUS_WORKER_METRICS_PORT``): what vLLM and
+TGI users watch, read from the scheduler when scraped (nothing on the hot path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .batching import Scheduler
+
+
+class WorkerCollector(Collector):
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    def collect(self) -> Any:
+        scheduler, stats = self._scheduler, self._scheduler.stats
+        sequences = GaugeMetricFamily(
+            "tokenbus_worker_sequences", "Sequences in the batch or waiting", labels=["state"]
+        )
+        sequences.add_metric(["running"], scheduler.in_flight)
+        sequences.add_metric(["waiting"], scheduler.waiting)
+        yield sequences
+        yield GaugeMetricFamily(
+            "tokenbus_worker_max_sequences", "Sequences in the batch at most", scheduler.max_batch
+        )
+        positions = GaugeMetricFamily(
+            "tokenbus_worker_kv_cache_positions",
+            "KV cache positions: reserved by the sequences in flight, allocated, the cap",
+            labels=["kind"],
+        )
+        positions.add_metric(["reserved"], scheduler.reserved_positions)
+        positions.add_metric(["allocated"], scheduler.allocated_positions)
+        positions.add_metric(["cap"], scheduler.max_batch_tokens)
+        yield positions
+        yield CounterMetricFamily(
+            "tokenbus_worker_steps", "Forward passes for the whole batch", value=stats.steps
+        )
+        yield CounterMetricFamily(
+            "tokenbus_worker_step_seconds", "Time in those passes", value=stats.step_seconds
+        )
+        yield CounterMetricFamily(
+            "tokenbus_worker_failed_steps",
+            "Passes that raised (then run one sequence at a time)",
+            value=stats.failed_steps,
+        )
+        tokens = CounterMetricFamily(
+            "tokenbus_worker_tokens", "Tokens prefilled and generated", labels=["kind"]
+        )
+        tokens.add_metric(["prompt"], stats.prompt_tokens)
+        tokens.add_metric(["generated"], stats.generated_tokens)
+        yield tokens
+
+
+def serve_metrics(scheduler: Scheduler, port: int) -> None:
+    """Serve ``/metrics`` on ``port`` from a thread of its own."""
+    registry = CollectorRegistry()
+    registry.register(WorkerCollector(scheduler))
+    start_http_server(port, registry=registry)
