@@ -43,7 +43,9 @@ from .attention import ATTENTION, KVRows, Packing, Prefill
 
 log = logging.getLogger(__name__)
 
-Sample = Callable[[torch.Tensor, torch.Tensor], tuple[int, float]]  # logits, logprobs
+# A sequence's sampler: (logits, logprobs) -> (token, logprob). None is greedy: the
+# greedy sequences of a step are picked together, in one op and one device sync.
+Sample = Callable[[torch.Tensor, torch.Tensor], tuple[int, float]]
 
 
 class EngineStopped(RuntimeError):
@@ -56,7 +58,7 @@ class Sequence:
     tokens with `next()` and calls `Scheduler.release` when it is done."""
 
     ids: list[int]  # prefilled: the prompt and any tokens already published
-    sample: Sample
+    sample: Sample | None  # None: greedy
     max_new: int  # tokens to generate at most
     stop_ids: frozenset[int]  # after one of these, generating further is pointless
     tokens: asyncio.Queue[tuple[int, float] | BaseException] = field(default_factory=asyncio.Queue)
@@ -152,7 +154,7 @@ class Scheduler:
         return list(dict.fromkeys([*self._prefilling, *self._rows.sequences]))
 
     def submit(
-        self, ids: list[int], sample: Sample, *, max_new: int, stop_ids: frozenset[int]
+        self, ids: list[int], sample: Sample | None, *, max_new: int, stop_ids: frozenset[int]
     ) -> Sequence:
         if self._stopped:
             raise EngineStopped("the engine has stopped")
@@ -319,9 +321,21 @@ def _row(sequence: Sequence) -> int:
 
 
 def _sample(sequences: list[Sequence], logits: torch.Tensor) -> None:
-    """Each sequence's next token from its row of ``logits``, by its own sampler."""
+    """Each sequence's next token from its row of ``logits``: the greedy ones all at
+    once, the others by their own samplers."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # one op for the whole batch
+    greedy = [i for i, s in enumerate(sequences) if s.sample is None]
+    if greedy:
+        rows = torch.tensor(greedy, device=logits.device)
+        # From the logits, as generate does: their log-softmax can round two into a tie.
+        tokens = logits[rows].float().argmax(dim=-1)
+        chosen = logprobs[rows].gather(1, tokens.unsqueeze(1)).squeeze(1)
+        for i, token, logprob in zip(greedy, tokens.tolist(), chosen.tolist(), strict=True):
+            sequences[i].sampled = (token, logprob)
+            sequences[i].last = token
     for sequence, row, row_logprobs in zip(sequences, logits, logprobs, strict=True):
+        if sequence.sample is None:
+            continue
         try:
             sequence.sampled = sequence.sample(row, row_logprobs)
         except Exception as exc:  # noqa: BLE001  # its own failure, delivered as its end

@@ -44,8 +44,9 @@ class Step:
 
 
 class Sampler:
-    """Greedy at temperature 0; otherwise temperature, top-k, top-p. A seeded
-    request draws from its own generator, so it is reproducible."""
+    """Temperature (> 0), top-k, top-p. A seeded request draws from its own
+    generator, so it is reproducible. Greedy requests (temperature 0) have none:
+    the scheduler picks their tokens, all in one op."""
 
     def __init__(self, params: SamplingParams, device: torch.device) -> None:
         self._params = params
@@ -54,12 +55,8 @@ class Sampler:
         self._generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, logprobs: torch.Tensor) -> tuple[int, float]:
-        logits = logits.float()
         p = self._params
-        if p.temperature == 0:
-            token = int(torch.argmax(logits))
-            return token, float(logprobs[token])
-        scores = logits / p.temperature
+        scores = logits.float() / p.temperature
         if p.top_k is not None and p.top_k < scores.numel():
             kth = torch.topk(scores, p.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -166,7 +163,7 @@ class GenerationEngine:
 
         sequence = self.scheduler.submit(
             prompt_ids + resumed,
-            Sampler(params, self.loaded.device),
+            Sampler(params, self.loaded.device) if params.temperature > 0 else None,
             max_new=params.max_tokens - len(resumed),
             stop_ids=self._eos,
         )
