@@ -5,7 +5,7 @@ call, which re-blocks it each time; at decode sizes (a few to a few dozen rows)
 that costs as much as the multiply. oneDNN can take the weight already in the
 blocked layout its kernels read, which is what inductor does when it freezes a
 model. On 2 cores this halves a SmolLM2 forward pass (measured: 1 token
-37 -> 19 ms, 32 tokens 83 -> 38 ms). ``torch.ops.mkldnn`` is a private API, so
+38 -> 20 ms, 32 tokens 86 -> 37 ms). ``torch.ops.mkldnn`` is a private API, so
 anything it refuses leaves the layer as it was.
 """
 
