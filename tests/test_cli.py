@@ -21,30 +21,20 @@ import torch
 
 from workers import LoadedModel, compute
 
-from .conftest import free_port
+from .conftest import free_port, tiny_llama_config
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(smollm: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     directory = tmp_path_factory.mktemp("tiny-model")
+    config = tiny_llama_config(smollm.tokenizer)
 
     def build() -> None:  # on the compute thread, where models are built and run
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(directory)
 
-    config = LlamaConfig(
-        vocab_size=len(smollm.tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        eos_token_id=2,
-        bos_token_id=1,
-    )
     compute.call(build)
     smollm.tokenizer.save_pretrained(directory)
     return directory

@@ -16,6 +16,8 @@ from schemas import GenerationRequest, uuid7
 from workers import GenerationEngine, LoadedModel, compute, load_model
 from workers.packed_linear import PackedLinear, pack_linears
 
+from .conftest import tiny_llama_config
+
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 33), (1, 300)])
@@ -76,18 +78,7 @@ def test_a_call_from_the_compute_thread_runs_in_place() -> None:
 def test_random_weights_need_only_the_config_and_the_tokenizer(
     smollm: LoadedModel, tmp_path: Path
 ) -> None:
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=len(smollm.tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        eos_token_id=2,
-        bos_token_id=1,
-    )
+    config = tiny_llama_config(smollm.tokenizer)
     config.save_pretrained(tmp_path)
     smollm.tokenizer.save_pretrained(tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.suffix in {".safetensors", ".bin"}]
