@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -338,8 +338,27 @@ def _audit_run(args: argparse.Namespace) -> int:
     )
     if settings.metrics_port is not None:
         serve_metrics(consumer.stats, settings.metrics_port)
-    asyncio.run(consumer.run())
+    asyncio.run(_until_interrupted(consumer.run()))
     return 0
+
+
+async def _until_interrupted(service: Coroutine[Any, Any, None]) -> None:
+    """Run ``service``; on SIGINT or SIGTERM cancel it alone, and let its shutdown (a
+    last offset commit, a closing checkpoint) run while its Kafka client is still
+    whole. Left to asyncio.run, the interrupt cancels every task at once, the
+    client's own included, and a commit in flight then fails unseen."""
+    task = asyncio.ensure_future(service)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None  # main() exits 130, as on any Ctrl-C
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, _interrupt)  # as main() set it
 
 
 @_audit_command
