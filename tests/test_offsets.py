@@ -32,3 +32,16 @@ def test_a_revoked_partition_commits_nothing() -> None:
     tracker.received(TP, 3)
     tracker.forget({TP})
     assert tracker.finished(TP, 3) is None
+
+
+def test_offsets_fetched_again_after_a_rebalance_are_known() -> None:
+    tracker = OffsetTracker()
+    for offset in (4, 5):
+        tracker.received(TP, offset)
+    assert tracker.finished(TP, 5) == 4
+    # The partition stayed through a rebalance: it is fetched again from 4.
+    assert tracker.seen(TP, 4) and tracker.seen(TP, 5) and not tracker.seen(TP, 6)
+    assert tracker.committable(TP) == 4
+    assert tracker.finished(TP, 4) == 6
+    tracker.forget({TP})
+    assert not tracker.seen(TP, 4) and tracker.committable(TP) is None

@@ -15,6 +15,11 @@ class OffsetTracker:
         self._open: dict[TopicPartition, set[int]] = {}
         self._highest: dict[TopicPartition, int] = {}
 
+    def seen(self, tp: TopicPartition, offset: int) -> bool:
+        """Whether ``offset`` was received already: a partition kept through a
+        rebalance is fetched again from its committed offset."""
+        return offset <= self._highest.get(tp, -1)
+
     def received(self, tp: TopicPartition, offset: int) -> None:
         self._open.setdefault(tp, set()).add(offset)
         self._highest[tp] = max(offset, self._highest.get(tp, -1))
@@ -25,6 +30,13 @@ class OffsetTracker:
         if pending is None or offset not in pending:
             return None  # the partition was revoked meanwhile
         pending.discard(offset)
+        return self.committable(tp)
+
+    def committable(self, tp: TopicPartition) -> int | None:
+        """The offset to commit for ``tp`` now: its lowest unfinished one, or past the highest."""
+        if tp not in self._highest:
+            return None
+        pending = self._open.get(tp)
         return min(pending) if pending else self._highest[tp] + 1
 
     def forget(self, tps: set[TopicPartition]) -> None:

@@ -10,6 +10,10 @@ Two tasks share one consumer in the ``tokenbus-workers`` group:
                  engine (continuous batching) -> EventStream -> tokenbus.tokens,
                  then commit up to the lowest unfinished offset
 
+A rebalance stops only the requests whose partitions move to another member
+(see ownership.py; the group's assignor keeps partitions where they are, see
+assignor.py); the others generate on through it.
+
 A request that cannot be served (malformed, unknown model, prompt too long, a
 crash while generating) ends in a `failed` event; the worker goes on.
 """
@@ -26,7 +30,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.protocol.commit import OffsetCommitRequest
 from aiokafka.structs import ConsumerRecord
 
 from relay.log import LogReader
@@ -48,10 +54,12 @@ from schemas.requests import ANY_MODEL
 from tokenbus.kafka import new_consumer, new_producer
 from tokenbus.settings import KafkaSettings, WorkerSettings
 
+from .assignor import StickyAssignor
 from .control import CancelWatcher
 from .engine import GenerationEngine, PromptError, Step
 from .models import LoadedModel
 from .offsets import OffsetTracker
+from .ownership import Ownership
 from .publisher import EventStream
 
 log = logging.getLogger(__name__)
@@ -66,6 +74,7 @@ class GenerationCrashed(Exception):
 class Job:
     request: GenerationRequest
     tp: TopicPartition
+    term: int  # of this worker's ownership of tp (ownership.py)
     offset: int
     received_at: datetime
 
@@ -88,7 +97,7 @@ class Worker:
         self._offsets = OffsetTracker()
         self._cancels = CancelWatcher(kafka)
         self._log = LogReader(kafka=kafka)
-        self._revoked: set[TopicPartition] = set()
+        self._ownership = Ownership()
         self._last_attempt = 0
         self.ready = asyncio.Event()  # set once the consumer has its partitions
         self._consumer: AIOKafkaConsumer | None = None
@@ -102,6 +111,12 @@ class Worker:
     def engine(self) -> GenerationEngine:
         return self._engine
 
+    @property
+    def partitions(self) -> set[TopicPartition]:
+        """The partitions of tokenbus.requests this worker holds (in a rebalance:
+        those it held when the rebalance began, until it learns its new assignment)."""
+        return self._ownership.partitions
+
     async def run(self) -> None:
         """Serve until cancelled."""
         topics = self._kafka.topics
@@ -112,6 +127,11 @@ class Worker:
             session_timeout_ms=self._settings.session_timeout_ms,
             heartbeat_interval_ms=self._settings.heartbeat_interval_ms,
             max_poll_interval_ms=self._settings.max_poll_interval_ms,
+            # Round robin as well, so that a group of older workers can be joined.
+            partition_assignment_strategy=(
+                StickyAssignor(lambda: self._ownership.partitions),
+                RoundRobinPartitionAssignor,
+            ),
         )
         self._consumer.subscribe([topics.requests], listener=_Rebalance(self))
         try:
@@ -147,16 +167,25 @@ class Worker:
                     await self._accept(tp, record)
 
     async def _accept(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+        term = self._ownership.term(tp)
+        if term is None or self._offsets.seen(tp, record.offset):
+            # Fetched again after a rebalance that left tp here: in flight, or done
+            # and committed by the next commit of tp.
+            return
         self._offsets.received(tp, record.offset)
         try:
             request = decode_request(record.value)
         except MalformedMessage as exc:
-            await self._reject(tp, record, exc)
+            await self._reject(tp, term, record, exc)
             return
-        self._queue.put_nowait(Job(request, tp, record.offset, datetime.now(UTC)))
+        self._queue.put_nowait(Job(request, tp, term, record.offset, datetime.now(UTC)))
 
     async def _reject(
-        self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], error: MalformedMessage
+        self,
+        tp: TopicPartition,
+        term: int,
+        record: ConsumerRecord[bytes, bytes],
+        error: MalformedMessage,
     ) -> None:
         """A message that is not a valid request: answer on its stream if its key names
         one; either way copy it to the dead-letter topic, report it, and move on."""
@@ -169,7 +198,7 @@ class Worker:
             )
             await stream.failed(ErrorCode.INVALID_REQUEST, str(error))
         await self._dead_letter(record.key, record.value, str(error), f"{tp}@{record.offset}")
-        await self._commit(tp, record.offset)
+        await self._commit(tp, term, record.offset)
 
     async def _dead_letter(
         self, key: bytes | None, value: bytes | None, reason: str, source: str
@@ -191,21 +220,26 @@ class Worker:
             while True:
                 await slots.acquire()
                 job = await self._queue.get()
-                if job.tp in self._revoked:
+                await self._ownership.settled.wait()  # whose it is may be changing
+                if not self._owned(job):
                     slots.release()
                     continue  # its partition moved to another worker, which will serve it
                 served = tasks.create_task(self._serve_job(job, producer))
                 served.add_done_callback(lambda _: slots.release())
 
     async def _serve_job(self, job: Job, producer: AIOKafkaProducer) -> None:
-        while True:  # ends: every try is an attempt in the log, and they are limited
+        while self._owned(job):  # ends: every try is an attempt in the log, and they are limited
             try:
                 await self._serve(job, self._stream(producer, job))
                 break
             except GenerationCrashed:
                 log.exception("generation of %s crashed; trying again under a new attempt",
                               job.request.request_id)  # fmt: skip
-        await self._commit(job.tp, job.offset)
+        await self._commit(job.tp, job.term, job.offset)
+
+    def _owned(self, job: Job) -> bool:
+        """Whether ``job``'s partition is still this worker's, in the term it came in."""
+        return self._ownership.holds(job.tp, job.term)
 
     def _stream(self, producer: AIOKafkaProducer, job: Job) -> EventStream:
         # Attempts only go up, also for two tries within one millisecond.
@@ -251,7 +285,7 @@ class Worker:
                 return
             if published:
                 log.info("continuing %s after seq %d", request.request_id, claimed[-1].seq)
-            revoked = lambda: job.tp in self._revoked  # noqa: E731
+            revoked = lambda: not self._owned(job)  # noqa: E731
             await self._generate(request, prompt_ids, stream, picked_up, claimed, revoked)
         except KafkaError:
             raise  # the broker is the problem, not the request: let the worker fail
@@ -329,9 +363,10 @@ class Worker:
         async with contextlib.aclosing(steps):  # leaving early frees its batch slot at once
             async for step in steps:
                 if revoked():
-                    # Our partition moved on (we froze past the session timeout, say): the
-                    # new owner continues this stream. Publish nothing more.
-                    log.warning("stopping %s: its partition was revoked", rid)
+                    # Our partition moved on (to a member that joined, or because we
+                    # froze past the session timeout): the new owner continues this
+                    # stream. Publish nothing more.
+                    log.warning("stopping %s: its partition moved to another worker", rid)
                     return
                 if step.token_ids or step.text:
                     if ttft_ms is None and step.token_ids:
@@ -345,21 +380,48 @@ class Worker:
                         Timings(ttft_ms=ttft_ms, total_ms=(time.perf_counter() - picked_up) * 1000),
                     )
 
-    async def _commit(self, tp: TopicPartition, offset: int) -> None:
-        commit_at = self._offsets.finished(tp, offset)
-        if commit_at is not None and self._consumer is not None and tp not in self._revoked:
-            await self._consumer.commit({tp: commit_at})
+    async def _commit(self, tp: TopicPartition, term: int, offset: int) -> None:
+        if self._offsets.finished(tp, offset) is None:
+            return  # tp's term ended: its new owner commits
+        while True:
+            await self._ownership.settled.wait()  # a commit mid-rebalance is refused
+            commit_at = self._offsets.committable(tp)  # now, so a retry never goes back
+            if not self._ownership.holds(tp, term) or commit_at is None:
+                return
+            assert self._consumer is not None
+            try:
+                await self._consumer.commit({tp: commit_at})
+                return
+            except CommitFailedError:
+                # The group began rebalancing before we knew. Commit once it has
+                # settled, if tp is still ours; if not, the request is done and its
+                # new owner will find that in the log.
+                log.info("commit of %s at %d refused by a rebalance; again once it settles",
+                         tp, commit_at)  # fmt: skip
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._settings.session_timeout_ms / 1000):
+                        await self._ownership.reassigned()
 
     # -- rebalancing ------------------------------------------------------------
 
-    def _assigned(self, assigned: set[TopicPartition]) -> None:
-        self._revoked -= assigned
+    async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        held = self._ownership.partitions
+        lost = await self._ownership.assigned(assigned)
+        # Queued and running jobs of lost partitions are dropped (see _serve_loop and
+        # _generate): they are uncommitted, so the partitions' new owners serve them.
+        self._offsets.forget(lost)
+        log.info("partitions kept %s, lost %s, new %s", _names(held & assigned), _names(lost),
+                 _names(assigned - held))  # fmt: skip
 
     def _revoke(self, revoked: set[TopicPartition]) -> None:
-        # Queued jobs of these partitions are dropped: they are uncommitted, so the
-        # partition's new owner serves them.
-        self._revoked |= revoked
-        self._offsets.forget(revoked)
+        if self._ownership.partitions and _expelled(self._consumer):
+            # The group expelled us (we froze past the session timeout): our
+            # partitions are someone else's already. Stop everything at once.
+            lost = self._ownership.lose_all()
+            self._offsets.forget(lost)
+            log.warning("expelled from the group; stopping the requests of %s", _names(lost))
+        else:
+            self._ownership.rebalancing()
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -370,7 +432,19 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._worker._revoke(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._worker._assigned(set(assigned))
+        await self._worker._assigned(set(assigned))
+
+
+def _expelled(consumer: AIOKafkaConsumer | None) -> bool:
+    """Whether the group has expelled this member: aiokafka then resets its
+    generation before rejoining (a private attribute, read with a fallback)."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    generation = getattr(coordinator, "generation", 0)
+    return bool(generation == OffsetCommitRequest.DEFAULT_GENERATION_ID)
+
+
+def _names(tps: set[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps)) or "none"
 
 
 def _ms_since(moment: datetime) -> float:
