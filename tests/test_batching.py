@@ -11,6 +11,7 @@ import pytest
 
 from schemas import FinishReason, GenerationRequest, uuid7
 from workers import GenerationEngine, LoadedModel
+from workers.batching import Sequence, laid_out, size_class
 from workers.engine import Step
 
 from .conftest import generate_alone
@@ -172,12 +173,12 @@ async def test_the_batch_never_exceeds_its_caps(
     assert all(len(token_ids(steps)) == 30 for steps in results)
 
 
-async def test_the_token_cap_counts_every_row_as_long_as_the_longest(
+async def test_the_token_cap_counts_every_row_as_long_as_the_longest_of_its_class(
     smollm: LoadedModel,
 ) -> None:
-    # One long budget (prompt ~30 + 60) among short ones (~10 + 5): counted as the
-    # rows are laid out, two fit in 200 positions while the long one runs; summing
-    # budgets would have let in seven.
+    # One long budget (prompt ~30 + 60) among short ones (~10 + 5), all of one size
+    # class: counted as the rows are laid out, two fit in 200 positions while the
+    # long one runs; summing budgets would have let in seven.
     long = request(PROMPTS[1], max_tokens=60)
     short = [request(p, max_tokens=5) for p in PROMPTS[2:8]]
     async with GenerationEngine(smollm, ignore_eos=True, max_batch_tokens=200) as engine:
@@ -200,6 +201,81 @@ async def test_the_token_cap_counts_every_row_as_long_as_the_longest(
         await first
     assert 200 // longest == 2
     assert max(alongside) == 2
+    assert all(len(token_ids(steps)) == 5 for steps in results)
+
+
+LONG_PROMPT = PROMPTS[1] * 10  # ~300 tokens: with its output, a size class above the others'
+
+
+async def test_sequences_of_two_size_classes_decode_in_one_pass_as_each_does_alone(
+    smollm: LoadedModel,
+) -> None:
+    long = request(LONG_PROMPT, max_tokens=12)
+    short = [request(p, max_tokens=12) for p in PROMPTS[2:6]]
+    async with GenerationEngine(smollm, ignore_eos=True) as engine:
+        assert size_class(long_budget(engine, long)) == 512
+        assert {size_class(long_budget(engine, r)) for r in short} == {256}
+        model, steps = engine.scheduler._model, []
+
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            steps.append(kwargs["input_ids"].shape[1])
+            return model(*args, **kwargs)
+
+        engine.scheduler._model = recording
+        results = await asyncio.gather(*(steps_of(engine, r) for r in [long, *short]))
+    # Once everyone has been prefilled, each step decodes all five in one pass.
+    assert steps.count(5) == 11  # once all five are prefilled: 11 more tokens each
+    for req, result in zip([long, *short], results, strict=True):
+        expected = plain_generate(smollm, engine.prompt_ids(req), 12)
+        assert token_ids(result)[: len(expected)] == expected, req.prompt[:20]
+
+
+async def test_a_prompt_longer_than_a_chunk_alone_is_prefilled_over_several_steps(
+    smollm: LoadedModel,
+) -> None:
+    # Its first steps sample nothing (regression: they used to fail the request).
+    long = request(LONG_PROMPT, max_tokens=8)
+    async with GenerationEngine(smollm, prefill_chunk=64) as engine:
+        assert len(engine.prompt_ids(long)) > 3 * 64
+        result = await steps_of(engine, long)
+    assert token_ids(result) == plain_generate(smollm, engine.prompt_ids(long), 8)
+
+
+def long_budget(engine: GenerationEngine, req: GenerationRequest) -> int:
+    return len(engine.prompt_ids(req)) + req.sampling.max_tokens
+
+
+async def test_short_sequences_beside_a_long_one_are_counted_in_their_own_class(
+    smollm: LoadedModel,
+) -> None:
+    # A long budget (~300 + 40, class 512) and short ones (~5 + 5, class 256): with a
+    # cap of the long one's budget plus four short ones, four run beside it. Were
+    # every row as long as the longest, none would.
+    long = request(LONG_PROMPT, max_tokens=40)
+    short = [request(PROMPTS[2], max_tokens=5) for _ in range(6)]
+    probe = GenerationEngine(smollm)
+    longest, each = long_budget(probe, long), long_budget(probe, short[0])
+    cap = longest + 4 * each
+    assert cap // longest == 1
+    async with GenerationEngine(smollm, ignore_eos=True, max_batch_tokens=cap) as engine:
+        scheduler = engine.scheduler
+        alongside: list[int] = []  # sequences in flight, seen while the long one runs
+
+        async def run(req: GenerationRequest) -> list[Step]:
+            steps = []
+            async for step in engine.generate(req, engine.prompt_ids(req)):
+                if not first.done():
+                    alongside.append(scheduler.in_flight)
+                    assert scheduler.reserved_positions <= cap
+                steps.append(step)
+            return steps
+
+        started = asyncio.Event()
+        first = asyncio.create_task(steps_of(engine, long, started))
+        await started.wait()
+        results = await asyncio.gather(*(run(r) for r in short))
+        await first
+    assert max(alongside) == 1 + 4
     assert all(len(token_ids(steps)) == 5 for steps in results)
 
 
@@ -297,3 +373,26 @@ async def test_a_sampler_that_fails_fails_only_its_sequence(smollm: LoadedModel)
     assert isinstance(failed, ValueError)
     assert not isinstance(done, BaseException)
     assert token_ids(done) == plain_generate(smollm, engine.prompt_ids(good), 8)
+
+
+def test_size_classes_are_powers_of_two_from_256() -> None:
+    assert [size_class(b) for b in (1, 256, 257, 512, 513, 5000)] == [
+        256,
+        256,
+        512,
+        512,
+        1024,
+        8192,
+    ]
+
+
+def test_beside_an_8k_budget_the_default_cap_holds_31_ordinary_sequences() -> None:
+    # The README's figure: one 8,192-token budget and 31 of 300 tokens (prompt 44 +
+    # max_tokens 256) take 8,192 + 31 x 300 positions, within the default 32,768;
+    # with every row as long as the longest, 32,768 // 8,192 = 4 sequences in all.
+    def of(prompt: int, max_new: int) -> Sequence:
+        return Sequence([0] * prompt, None, max_new, frozenset())
+
+    batch = [of(8192 - 256, 256)] + [of(44, 256) for _ in range(31)]
+    assert laid_out(batch) == 8192 + 31 * 300 <= 32_768
+    assert laid_out([*batch, of(8192 - 256, 256)]) == 2 * 8192 + 31 * 300

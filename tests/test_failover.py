@@ -63,8 +63,8 @@ async def stream_killing_the_worker(
         events.append(event)
         if event.seq == kill_after_seq:
             # The worker generating it now: not always the one that started it, as
-            # the second worker's join may have moved the partition before (eager
-            # rebalancing; the takeover is correct, and also checked below).
+            # the second worker, joining, may have taken the partition as part of
+            # its share (the takeover is correct, and also checked below).
             assert isinstance(event, TokenEvent)
             os.kill(pid_of(event.worker), signal.SIGKILL)
     return events

@@ -94,8 +94,8 @@ class WorkerSettings(_Settings):
     max_batch_tokens: int = Field(
         default=32_768,
         ge=1,
-        description="KV cache positions reserved at once: sequences times the longest "
-        "prompt + max_tokens among them",
+        description="KV cache positions reserved at once: in each size class of "
+        "prompt + max_tokens (powers of two from 256), sequences times the longest of them",
     )
     prefill_chunk: int = Field(
         default=256, ge=1, description="prompt tokens prefilled per step, between decode steps"

@@ -9,6 +9,11 @@ token belongs to; attention does, and that is this module: `packed_attention`
 writes each token's key and value into its sequence's row of `KVRows` and lets
 each token attend to its own sequence only.
 
+Sequences of very different lengths keep their rows in different `KVRows` (the
+scheduler groups them by size), so a short sequence's row is not as long as the
+longest one's. The packed step lays the tokens out cache by cache: each `Packing`
+is the contiguous run of tokens whose rows are in one cache.
+
 Grouped-query attention is computed without copying keys: the query heads that
 share a key-value head are folded into the query-length dimension (a decoding
 row's ``[heads, 1, d]`` query becomes ``[kv_heads, group, d]``), where
@@ -121,10 +126,14 @@ class Prefill:
 
 @dataclass(frozen=True, slots=True)
 class Packing:
-    """Where each token of a packed step belongs. The first ``len(decoding)`` tokens
-    are one per decoding row; the prefill chunks follow."""
+    """Where each token of one cache's run of a packed step belongs: tokens
+    ``start`` to ``stop`` of the step. The first ``len(decoding)`` of them are one
+    per decoding row; the prefill chunks follow (their ``start`` counts from the
+    run's)."""
 
     cache: KVRows
+    start: int
+    stop: int
     rows: torch.Tensor  # [T]: each token's row
     columns: torch.Tensor  # [T]: each token's column in its row (= its position)
     decoding: torch.Tensor  # [D]: the rows that decode a token
@@ -139,6 +148,7 @@ class Packing:
         decoding: list[tuple[int, int]],  # (row, column) of each decoded token
         prefills: list[Prefill],
         device: torch.device,
+        start: int = 0,
     ) -> Packing:
         rows = [r for r, _ in decoding]
         columns = [c for _, c in decoding]
@@ -160,6 +170,8 @@ class Packing:
             mask = mask.to(device)[:, None, None, :]
         return cls(
             cache=cache,
+            start=start,
+            stop=start + len(rows),
             rows=torch.tensor(rows, device=device),
             columns=torch.tensor(columns, device=device),
             decoding=torch.tensor([r for r, _ in decoding], dtype=torch.long, device=device),
@@ -184,36 +196,59 @@ def packed_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
-    packing: Packing | None = None,
+    packing: tuple[Packing, ...] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     if packing is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    keys = packing.cache.keys[module.layer_idx]  # type: ignore[index]
-    values = packing.cache.values[module.layer_idx]  # type: ignore[index]
-    keys[packing.rows, :, packing.columns] = key[0].transpose(0, 1)
-    values[packing.rows, :, packing.columns] = value[0].transpose(0, 1)
     heads, tokens, d = query.shape[1:]
-    kv_heads, group = keys.shape[1], packing.cache.group
     out = query.new_empty((tokens, heads, d))
-    if packing.decode_mask is not None:
-        decoded = len(packing.decoding)
-        span, width = packing.decode_mask.shape[0], packing.decode_mask.shape[-1]
+    for run in packing:
+        span = slice(run.start, run.stop)
+        _attend(
+            module.layer_idx,  # type: ignore[arg-type]
+            query[0, :, span],
+            key[0, :, span],
+            value[0, :, span],
+            run,
+            scaling,
+            out[span],
+        )
+    return out.unsqueeze(0), None
+
+
+def _attend(
+    layer: int,
+    query: torch.Tensor,  # [heads, n, d]: one cache's run of the step
+    key: torch.Tensor,  # [kv_heads, n, d]
+    value: torch.Tensor,
+    run: Packing,
+    scaling: float | None,
+    out: torch.Tensor,  # [n, heads, d], written
+) -> None:
+    keys, values = run.cache.keys[layer], run.cache.values[layer]
+    keys[run.rows, :, run.columns] = key.transpose(0, 1)
+    values[run.rows, :, run.columns] = value.transpose(0, 1)
+    heads, _, d = query.shape
+    kv_heads, group = keys.shape[1], run.cache.group
+    if run.decode_mask is not None:
+        decoded = len(run.decoding)
+        span, width = run.decode_mask.shape[0], run.decode_mask.shape[-1]
         q = query.new_zeros((span, heads, d))
-        q[packing.decoding] = query[0, :, :decoded].transpose(0, 1)
+        q[run.decoding] = query[:, :decoded].transpose(0, 1)
         attended = functional.scaled_dot_product_attention(
             q.view(span, kv_heads, group, d),
             keys[:span, :, :width],
             values[:span, :, :width],
-            attn_mask=packing.decode_mask,
+            attn_mask=run.decode_mask,
             scale=scaling,
         )
-        out[:decoded] = attended.view(span, heads, d)[packing.decoding]
-    for p, visible in zip(packing.prefills, packing.prefill_masks, strict=True):
+        out[:decoded] = attended.view(span, heads, d)[run.decoding]
+    for p, visible in zip(run.prefills, run.prefill_masks, strict=True):
         end = p.column + p.length
-        q = query[0, :, p.start : p.start + p.length]  # [heads, n, d]
+        q = query[:, p.start : p.start + p.length]  # [heads, n, d]
         attended = functional.scaled_dot_product_attention(
             q.reshape(1, kv_heads, group * p.length, d),
             keys[p.row : p.row + 1, :, :end],
@@ -222,7 +257,6 @@ def packed_attention(
             scale=scaling,
         )
         out[p.start : p.start + p.length] = attended.view(heads, p.length, d).transpose(0, 1)
-    return out.unsqueeze(0), None
 
 
 AttentionInterface.register(ATTENTION, packed_attention)

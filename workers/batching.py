@@ -18,12 +18,16 @@ the weights). Each sequence's keys and values live in a row of `KVRows`, written
 in place; `attention.packed_attention` keeps the sequences apart. A sequence that
 joins takes a row freed by one that left, so steady churn copies no cache.
 
-Admission reserves a sequence's whole budget (prompt + every token it may
-generate), so a sequence once admitted always runs to its end: nothing is ever
-preempted or recomputed. Since every row is as long as the longest, the budgets
-are counted as the cache lays them out: sequences times the longest budget of them
-stays within ``max_batch_tokens``, which so bounds the cache's memory. A sequence
-larger than the token cap is admitted alone.
+Sequences are grouped by budget (prompt + every token it may generate) into size
+classes, powers of two from 256, and each class keeps its rows in a `KVRows` of
+its own: a row is as long as the longest of its class, not of the batch, so one
+long request no longer makes every short one's row as long as its own.
+
+Admission reserves a sequence's whole budget, so a sequence once admitted always
+runs to its end: nothing is ever preempted or recomputed. The budgets are counted
+as the caches lay them out: the sum over classes of sequences times the longest
+budget among them stays within ``max_batch_tokens``, which so bounds the caches'
+memory. A sequence larger than the token cap is admitted alone.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +50,14 @@ log = logging.getLogger(__name__)
 # A sequence's sampler: (logits, logprobs) -> (token, logprob). None is greedy: the
 # greedy sequences of a step are picked together, in one op and one device sync.
 Sample = Callable[[torch.Tensor, torch.Tensor], tuple[int, float]]
+
+SMALLEST_SIZE_CLASS = 256  # budgets up to this share one class, and so one cache
+
+
+def size_class(budget: int) -> int:
+    """The class of a sequence with this budget: the power of two that holds it
+    (256 at least). Rows of one class differ in length by 2x at most."""
+    return max(SMALLEST_SIZE_CLASS, 1 << (budget - 1).bit_length())
 
 
 class EngineStopped(RuntimeError):
@@ -66,7 +78,7 @@ class Sequence:
     generated: int = 0
     last: int = -1  # the token the next decode step feeds
     sampled: tuple[int, float] | None = None  # by the last iteration, not yet delivered
-    row: int | None = None  # its row of the KV cache, once its prefill has begun
+    row: int | None = None  # its row of its class's cache, once its prefill has begun
     failure: BaseException | None = None  # its sampler's, by the last iteration
     done: bool = False  # no more tokens will be generated for it
 
@@ -77,6 +89,10 @@ class Sequence:
     @property
     def budget(self) -> int:
         return len(self.ids) + self.max_new
+
+    @property
+    def size_class(self) -> int:
+        return size_class(self.budget)
 
     async def next(self) -> tuple[int, float]:
         item = await self.tokens.get()
@@ -107,6 +123,7 @@ class Scheduler:
         prefill_chunk: int = 256,
     ) -> None:
         self._model = model
+        self._config, self._dtype = model.config, model.dtype
         self._device = device
         self.max_batch = max_batch
         self.max_batch_tokens = max_batch_tokens
@@ -115,14 +132,13 @@ class Scheduler:
         self._prefilling: list[Sequence] = []
         # Attention over packed steps (attention.py); plain SDPA for anyone else.
         model.set_attn_implementation(ATTENTION)
-        self._cache = KVRows(model.config, dtype=model.dtype, device=device)
-        self._rows = _Rows(self._cache)
+        self._classes: dict[int, _Rows] = {}  # size class -> its rows and their cache
         log.info(
             "batching up to %d sequences; KV cache up to %d positions, %.2f GB "
             "(TOKENBUS_MAX_BATCH_TOKENS; growing by doubling can take up to twice that)",
             max_batch,
             max_batch_tokens,
-            max_batch_tokens * self._cache.bytes_per_position / 1e9,
+            max_batch_tokens * self._new_cache().bytes_per_position / 1e9,
         )
         self._wake = asyncio.Event()
         self._stopped = False
@@ -141,17 +157,26 @@ class Scheduler:
     @property
     def reserved_positions(self) -> int:
         """KV cache positions the sequences in flight may fill, as rows lay them out."""
-        budgets = [s.budget for s in self._admitted() if not s.done]
-        return len(budgets) * max(budgets, default=0)
+        return laid_out(s for s in self._admitted() if not s.done)
 
     @property
     def allocated_positions(self) -> int:
-        """KV cache positions allocated now: rows times capacity."""
-        return self._cache.rows * self._cache.capacity
+        """KV cache positions allocated now: rows times capacity, over all classes."""
+        return sum(rows.cache.rows * rows.cache.capacity for rows in self._classes.values())
 
     def _admitted(self) -> list[Sequence]:
         # A prompt being prefilled is in both lists once it has a row.
-        return list(dict.fromkeys([*self._prefilling, *self._rows.sequences]))
+        held = [s for rows in self._classes.values() for s in rows.sequences]
+        return list(dict.fromkeys([*self._prefilling, *held]))
+
+    def _new_cache(self) -> KVRows:
+        return KVRows(self._config, dtype=self._dtype, device=self._device)
+
+    def _rows_of(self, sequence: Sequence) -> _Rows:
+        rows = self._classes.get(sequence.size_class)
+        if rows is None:
+            rows = self._classes[sequence.size_class] = _Rows(self._new_cache())
+        return rows
 
     def submit(
         self, ids: list[int], sample: Sample | None, *, max_new: int, stop_ids: frozenset[int]
@@ -218,7 +243,7 @@ class Scheduler:
                 sequence.tokens.put_nowait(exc)
         if not survived:
             # Whatever failed may lie in the rows' bookkeeping: start it afresh.
-            self._rows = _Rows(self._cache)
+            self._classes = {}
 
     # -- the asyncio side: runs only while no forward pass is in flight ----------
 
@@ -226,15 +251,14 @@ class Scheduler:
         self._prefilling = [s for s in self._prefilling if not s.done]
 
     def _admit(self) -> None:
-        running = [s.budget for s in self._admitted() if not s.done]
-        count, longest = len(running), max(running, default=0)
-        while self._waiting and count < self.max_batch:
+        running = [s for s in self._admitted() if not s.done]
+        while self._waiting and len(running) < self.max_batch:
             head = self._waiting[0]
-            # Rows as long as the longest (KVRows): the cache holds count * longest.
-            if count and (count + 1) * max(longest, head.budget) > self.max_batch_tokens:
+            # Rows as long as the longest of their class: see laid_out.
+            if running and laid_out([*running, head]) > self.max_batch_tokens:
                 break  # first come first served: nobody overtakes the head
             self._prefilling.append(self._waiting.popleft())
-            count, longest = count + 1, max(longest, head.budget)
+            running.append(head)
 
     def _deliver(self) -> None:
         for sequence in self._admitted():
@@ -260,59 +284,89 @@ class Scheduler:
                 sequence.tokens.put_nowait(error)
         self._waiting.clear()
         self._prefilling = []
-        self._rows = _Rows(self._cache)
+        self._classes = {}
 
     # -- the compute thread's side ------------------------------------------------
 
     @torch.inference_mode()  # the cache's tensors are inference tensors: change them only here
     def _iterate(self, only: Sequence | None = None) -> None:
         """One step of every sequence in flight, or of ``only``."""
-        self._rows.leave()
-        decoding = [s for s in self._rows.sequences if s.cached >= len(s.ids) and only in (None, s)]
+        for size, rows in list(self._classes.items()):
+            rows.leave()
+            if not rows.slots and not rows.cache.rows:
+                del self._classes[size]  # nobody of this size left: let its cache go
         chunks, budget = [], self.prefill_chunk
         for sequence in (s for s in self._prefilling if only in (None, s)):
             if budget <= 0:
                 break
             if sequence.row is None:
-                self._rows.take(sequence)
+                self._rows_of(sequence).take(sequence)
             size = min(budget, len(sequence.ids) - sequence.cached)
             chunks.append((sequence, size))
             budget -= size
-        prefills, start = [], len(decoding)
-        for sequence, size in chunks:
-            prefills.append(Prefill(_row(sequence), start, sequence.cached, size))
-            start += size
-        ids = [s.last for s in decoding]
-        for sequence, size in chunks:
-            ids += sequence.ids[sequence.cached : sequence.cached + size]
+        # The step's tokens, laid out cache by cache: each class's decoding tokens,
+        # then its prefill chunks (see attention.Packing).
+        ids: list[int] = []
+        runs: list[Packing] = []
+        decoded: list[Sequence] = []
+        sampled: list[Sequence] = []  # whose token each kept logit row samples
+        keep: list[int] = []
+        for size, rows in self._classes.items():
+            decoding = [s for s in rows.sequences if s.cached >= len(s.ids) and only in (None, s)]
+            prefilling = [(s, n) for s, n in chunks if s.size_class == size]
+            if not decoding and not prefilling:
+                continue
+            start = len(ids)
+            keep += range(start, start + len(decoding))
+            decoded += decoding
+            sampled += decoding
+            ids += [s.last for s in decoding]
+            prefills = []
+            for sequence, n in prefilling:
+                prefills.append(Prefill(_row(sequence), len(ids) - start, sequence.cached, n))
+                ids += sequence.ids[sequence.cached : sequence.cached + n]
+                if sequence.cached + n == len(sequence.ids):
+                    # Its prefill ends in this step: its last token's logits sample.
+                    keep.append(len(ids) - 1)
+                    sampled.append(sequence)
+            columns = [s.cached + 1 for s in decoding] + [s.cached + n for s, n in prefilling]
+            rows.cache.reserve(len(rows.slots), max(columns))
+            runs.append(
+                Packing.build(
+                    rows.cache,
+                    [(_row(s), s.cached) for s in decoding],
+                    prefills,
+                    self._device,
+                    start=start,
+                )
+            )
         if not ids:
             return  # everyone left
-        columns = [s.cached + 1 for s in decoding] + [s.cached + size for s, size in chunks]
-        self._cache.reserve(len(self._rows.slots), max(columns))
-        packing = Packing.build(
-            self._cache, [(_row(s), s.cached) for s in decoding], prefills, self._device
-        )
         # Logits only where a token is sampled: each decoded token, and the last
         # token of each prompt whose prefill ends in this step.
-        ending = [
-            (s, p)
-            for (s, size), p in zip(chunks, prefills, strict=True)
-            if s.cached + size == len(s.ids)
-        ]
-        keep = list(range(len(decoding))) + [p.start + p.length - 1 for _, p in ending]
         logits = self._model(
             input_ids=torch.tensor([ids], device=self._device),
-            position_ids=packing.columns.unsqueeze(0),
+            position_ids=torch.cat([run.columns for run in runs]).unsqueeze(0),
             use_cache=False,
-            logits_to_keep=torch.tensor(keep, device=self._device),
-            packing=packing,
+            # long: an empty list (a step of prompt chunks that all go on) is no float
+            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self._device),
+            packing=tuple(runs),
         ).logits[0]
-        for sequence in decoding:
+        for sequence in decoded:
             sequence.cached += 1
         for sequence, size in chunks:
             sequence.cached += size
             self.stats.prompt_tokens += size
-        _sample(decoding + [s for s, _ in ending], logits)
+        _sample(sampled, logits)
+
+
+def laid_out(sequences: Iterable[Sequence]) -> int:
+    """KV cache positions ``sequences`` take as their caches lay them out: in each
+    size class, as many rows as sequences, each as long as the longest budget."""
+    budgets: dict[int, list[int]] = collections.defaultdict(list)
+    for sequence in sequences:
+        budgets[sequence.size_class].append(sequence.budget)
+    return sum(len(b) * max(b) for b in budgets.values())
 
 
 def _row(sequence: Sequence) -> int:
