@@ -162,12 +162,17 @@ class Scheduler:
     @property
     def allocated_positions(self) -> int:
         """KV cache positions allocated now: rows times capacity, over all classes."""
-        return sum(rows.cache.rows * rows.cache.capacity for rows in self._classes.values())
+        return sum(rows.cache.rows * rows.cache.capacity for rows in self._size_classes())
 
     def _admitted(self) -> list[Sequence]:
         # A prompt being prefilled is in both lists once it has a row.
-        held = [s for rows in self._classes.values() for s in rows.sequences]
+        held = [s for rows in self._size_classes() for s in rows.sequences]
         return list(dict.fromkeys([*self._prefilling, *held]))
+
+    def _size_classes(self) -> list[_Rows]:
+        # A copy, taken at once: the compute thread adds and drops classes, and the
+        # metrics read them from the event loop's thread at any time.
+        return list(self._classes.values())
 
     def _new_cache(self) -> KVRows:
         return KVRows(self._config, dtype=self._dtype, device=self._device)
