@@ -182,23 +182,8 @@ async def test_the_token_cap_counts_every_row_as_long_as_the_longest_of_its_clas
     long = request(PROMPTS[1], max_tokens=60)
     short = [request(p, max_tokens=5) for p in PROMPTS[2:8]]
     async with GenerationEngine(smollm, ignore_eos=True, max_batch_tokens=200) as engine:
-        scheduler = engine.scheduler
-        longest = len(engine.prompt_ids(long)) + 60
-        alongside: list[int] = []  # sequences in flight, seen while the long one runs
-
-        async def run(req: GenerationRequest) -> list[Step]:
-            steps = []
-            async for step in engine.generate(req, engine.prompt_ids(req)):
-                if not first.done():
-                    alongside.append(scheduler.in_flight)
-                steps.append(step)
-            return steps
-
-        started = asyncio.Event()
-        first = asyncio.create_task(steps_of(engine, long, started))
-        await started.wait()
-        results = await asyncio.gather(*(run(r) for r in short))
-        await first
+        longest = budget_of(engine, long)
+        alongside, _, results = await beside_a_long_one(engine, long, short)
     assert 200 // longest == 2
     assert max(alongside) == 2
     assert all(len(token_ids(steps)) == 5 for steps in results)
@@ -213,8 +198,8 @@ async def test_sequences_of_two_size_classes_decode_in_one_pass_as_each_does_alo
     long = request(LONG_PROMPT, max_tokens=12)
     short = [request(p, max_tokens=12) for p in PROMPTS[2:6]]
     async with GenerationEngine(smollm, ignore_eos=True) as engine:
-        assert size_class(long_budget(engine, long)) == 512
-        assert {size_class(long_budget(engine, r)) for r in short} == {256}
+        assert size_class(budget_of(engine, long)) == 512
+        assert {size_class(budget_of(engine, r)) for r in short} == {256}
         model, steps = engine.scheduler._model, []
 
         def recording(*args: Any, **kwargs: Any) -> Any:
@@ -241,8 +226,35 @@ async def test_a_prompt_longer_than_a_chunk_alone_is_prefilled_over_several_step
     assert token_ids(result) == plain_generate(smollm, engine.prompt_ids(long), 8)
 
 
-def long_budget(engine: GenerationEngine, req: GenerationRequest) -> int:
+def budget_of(engine: GenerationEngine, req: GenerationRequest) -> int:
     return len(engine.prompt_ids(req)) + req.sampling.max_tokens
+
+
+async def beside_a_long_one(
+    engine: GenerationEngine, long: GenerationRequest, short: list[GenerationRequest]
+) -> tuple[list[int], list[int], list[list[Step]]]:
+    """Run ``long``, then ``short`` once it has begun. Returns the sequences in flight
+    and the KV positions reserved, seen at each short step while the long one ran,
+    and the short requests' steps."""
+    scheduler = engine.scheduler
+    alongside: list[int] = []
+    reserved: list[int] = []
+
+    async def run(req: GenerationRequest) -> list[Step]:
+        steps = []
+        async for step in engine.generate(req, engine.prompt_ids(req)):
+            if not first.done():
+                alongside.append(scheduler.in_flight)
+                reserved.append(scheduler.reserved_positions)
+            steps.append(step)
+        return steps
+
+    started = asyncio.Event()
+    first = asyncio.create_task(steps_of(engine, long, started))
+    await started.wait()
+    results = await asyncio.gather(*(run(r) for r in short))
+    await first
+    return alongside, reserved, results
 
 
 async def test_short_sequences_beside_a_long_one_are_counted_in_their_own_class(
@@ -254,27 +266,12 @@ async def test_short_sequences_beside_a_long_one_are_counted_in_their_own_class(
     long = request(LONG_PROMPT, max_tokens=40)
     short = [request(PROMPTS[2], max_tokens=5) for _ in range(6)]
     probe = GenerationEngine(smollm)
-    longest, each = long_budget(probe, long), long_budget(probe, short[0])
+    longest, each = budget_of(probe, long), budget_of(probe, short[0])
     cap = longest + 4 * each
     assert cap // longest == 1
     async with GenerationEngine(smollm, ignore_eos=True, max_batch_tokens=cap) as engine:
-        scheduler = engine.scheduler
-        alongside: list[int] = []  # sequences in flight, seen while the long one runs
-
-        async def run(req: GenerationRequest) -> list[Step]:
-            steps = []
-            async for step in engine.generate(req, engine.prompt_ids(req)):
-                if not first.done():
-                    alongside.append(scheduler.in_flight)
-                    assert scheduler.reserved_positions <= cap
-                steps.append(step)
-            return steps
-
-        started = asyncio.Event()
-        first = asyncio.create_task(steps_of(engine, long, started))
-        await started.wait()
-        results = await asyncio.gather(*(run(r) for r in short))
-        await first
+        alongside, reserved, results = await beside_a_long_one(engine, long, short)
+    assert max(reserved) <= cap
     assert max(alongside) == 1 + 4
     assert all(len(token_ids(steps)) == 5 for steps in results)
 
