@@ -53,7 +53,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from httpx_sse import EventSource, aconnect_sse
 
 from schemas import (
@@ -66,7 +66,7 @@ from schemas import (
     uuid7,
 )
 from tokenbus.broker import EmbeddedBroker
-from tokenbus.kafka import ensure_topics, new_consumer, new_producer
+from tokenbus.kafka import ensure_topics, new_consumer, new_producer, partitions_of
 from tokenbus.settings import KafkaSettings, kafka_env
 
 if TYPE_CHECKING:
@@ -377,9 +377,7 @@ class PlainJob:
         await consumer.start()
         try:
             topic = self.kafka.topics.tokens
-            await consumer.topics()
-            ids = sorted(consumer.partitions_for_topic(topic) or ())
-            partitions = [TopicPartition(topic, p) for p in ids]
+            partitions = await partitions_of(consumer, topic)
             consumer.assign(partitions)
             await consumer.seek_to_end(*partitions)
             for tp in partitions:

@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from schemas import Cancel, GenerationRequest, encode, message_key
-from tokenbus.kafka import new_producer
+from tokenbus.kafka import start_producer
 from tokenbus.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,9 @@ class Submitter:
     async def _connected(self) -> AIOKafkaProducer:
         async with self._lock:
             if self._producer is None:
-                producer = new_producer(self._kafka)
                 try:
-                    await producer.start()
+                    producer = await start_producer(self._kafka)
                 except KafkaError as exc:
-                    await producer.stop()
                     raise BrokerUnavailable(
                         f"cannot reach the broker at {self._kafka.bootstrap} "
                         f"({type(exc).__name__}); is it running? (`tokenbus up` starts one)"

@@ -20,11 +20,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from prometheus_client import Histogram
 
 from schemas import MalformedMessage, StartedEvent, StreamEvent, StreamView, decode_event
-from tokenbus.kafka import new_consumer
+from tokenbus.kafka import new_consumer, partitions_of
 from tokenbus.settings import KafkaSettings, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class StreamHub:
         consumer = new_consumer(self._kafka, fetch_max_wait_ms=100)
         try:
             await consumer.start()
-            partitions = await _partitions(consumer, topic)
+            partitions = await partitions_of(consumer, topic)
             consumer.assign(partitions)
             # Start at the end: older streams are read back from the log on demand.
             await consumer.seek_to_end(*partitions)
@@ -180,11 +180,3 @@ class StreamHub:
             if not self._streams[request_id].listeners:
                 del self._streams[request_id]
                 excess -= 1
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    await consumer.topics()  # refreshes metadata for every topic
-    ids = consumer.partitions_for_topic(topic)
-    if not ids:
-        raise RuntimeError(f"topic {topic!r} does not exist; run `tokenbus up` or create it")
-    return [TopicPartition(topic, p) for p in sorted(ids)]

@@ -33,7 +33,7 @@ from schemas import (
     partition_for,
     uuid7_unix_ms,
 )
-from tokenbus.kafka import at_end, new_consumer
+from tokenbus.kafka import at_end, new_consumer, partitions_of
 from tokenbus.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -146,12 +146,7 @@ class LogReader:
     async def _locate(
         self, consumer: AIOKafkaConsumer, topic: str, request_id: uuid.UUID
     ) -> TopicPartition | None:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer.topics()  # not known yet to this consumer: fetch metadata
-            partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            raise RuntimeError(f"topic {topic!r} does not exist")
+        partitions = await partitions_of(consumer, topic)
         tp = TopicPartition(topic, partition_for(request_id, len(partitions)))
         consumer.assign([tp])
         since = max(uuid7_unix_ms(request_id) - self._skew_ms, 0)

@@ -1,16 +1,22 @@
-"""One embedded broker and one loaded SmolLM2 per test session; a fresh topic
-prefix (so fresh topics and consumer groups) per test."""
+"""One broker and one loaded SmolLM2 per test session; a fresh topic prefix (so
+fresh topics and consumer groups) per test.
+
+``TOKENBUS_TEST_BROKER`` picks the broker: ``kafka`` (the default: Apache Kafka,
+one KRaft node, see `tokenbus.kafka_cluster`) or ``tansu`` (the embedded broker
+`tokenbus up` runs). ``scripts/test`` runs the whole suite on Apache Kafka and the
+tests marked ``broker_behaviour`` on Tansu as well."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
@@ -21,6 +27,7 @@ from producers import TokenbusClient
 from schemas import StreamEvent, TokenEvent, is_terminal
 from tokenbus.broker import EmbeddedBroker
 from tokenbus.kafka import ensure_topics
+from tokenbus.kafka_cluster import KafkaCluster
 from tokenbus.server import create_app
 from tokenbus.settings import KafkaSettings, ServerSettings, WorkerSettings
 from workers import LoadedModel, Worker, compute, load_model
@@ -48,9 +55,25 @@ async def eventually(
             await asyncio.sleep(0.01)  # re-check the condition; bounded by the timeout
 
 
+BROKER = os.environ.get("TOKENBUS_TEST_BROKER", "kafka")
+if BROKER not in ("kafka", "tansu"):
+    raise pytest.UsageError(f"TOKENBUS_TEST_BROKER={BROKER!r}: say kafka or tansu")
+ON_TANSU = BROKER == "tansu"
+
+
+class Broker(Protocol):
+    @property
+    def bootstrap(self) -> str: ...
+
+
 @pytest.fixture(scope="session")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(port=free_port()) as running:
+def broker() -> Iterator[Broker]:
+    running: KafkaCluster | EmbeddedBroker
+    if BROKER == "kafka":
+        running = KafkaCluster(ports=[free_port()])
+    else:
+        running = EmbeddedBroker(port=free_port())
+    with running:
         yield running
 
 
@@ -94,7 +117,7 @@ def smollm() -> LoadedModel:
 
 
 @pytest.fixture
-async def kafka(broker: EmbeddedBroker) -> KafkaSettings:
+async def kafka(broker: Broker) -> KafkaSettings:
     settings = KafkaSettings(
         bootstrap_servers=broker.bootstrap,
         topic_prefix=f"t{uuid.uuid4().hex[:12]}.",

@@ -122,15 +122,12 @@ async def test_killed_worker_is_continued_without_gap_or_duplicate(
 async def raw_events(kafka: KafkaSettings, request_id: object) -> list[StreamEvent]:
     """Everything in the log for the request, fenced or not, in log order."""
     from schemas import decode_event, message_key
-    from tokenbus.kafka import at_end, new_consumer
+    from tokenbus.kafka import at_end, new_consumer, partitions_of
 
     consumer = new_consumer(kafka, fetch_max_wait_ms=50)
     await consumer.start()
     try:
-        from aiokafka import TopicPartition
-
-        await consumer.topics()
-        partitions = [TopicPartition(kafka.topics.tokens, p) for p in range(kafka.partitions)]
+        partitions = await partitions_of(consumer, kafka.topics.tokens)
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         key = message_key(request_id)  # type: ignore[arg-type]

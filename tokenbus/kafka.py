@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, UnknownError, UnsupportedVersionError
+from aiokafka.protocol.metadata import MetadataRequest
 
 from .settings import KafkaSettings
 
@@ -16,16 +18,66 @@ log = logging.getLogger(__name__)
 _TOPIC_ALREADY_EXISTS = 36
 
 
-def new_producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
+def new_producer(
+    kafka: KafkaSettings, *, idempotent: bool = False, **overrides: Any
+) -> AIOKafkaProducer:
+    """A producer, not started; `start_producer` is what the parts use."""
     options: dict[str, Any] = {
         "bootstrap_servers": kafka.bootstrap,
         "client_id": kafka.client_id,
         "acks": "all",
-        "enable_idempotence": kafka.enable_idempotence,
+        "enable_idempotence": idempotent,
         "linger_ms": kafka.linger_ms,
         "request_timeout_ms": kafka.request_timeout_ms,
     }
     return AIOKafkaProducer(**(options | overrides))
+
+
+async def start_producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
+    """A started producer, idempotent wherever the broker supports it.
+
+    ``enable_idempotence`` unset means: ask the broker. An idempotent producer
+    gets its producer id at start (InitProducerId), so a broker that lacks it
+    (Tansu advertises the API but answers with an unknown error) refuses at once
+    and the producer is started again without. Set to true, that refusal is an
+    error; set to false, the broker is not asked.
+    """
+    wanted = kafka.enable_idempotence
+    producer = new_producer(kafka, idempotent=wanted is not False, **overrides)
+    try:
+        await producer.start()
+    except (UnknownError, UnsupportedVersionError) as exc:
+        await producer.stop()
+        if wanted:
+            raise KafkaError(
+                f"the broker at {kafka.bootstrap} refuses InitProducerId ({exc!r}), so "
+                "TOKENBUS_ENABLE_IDEMPOTENCE=true cannot be honoured: unset it"
+            ) from exc
+        _log_once(kafka.bootstrap)
+        producer = new_producer(kafka, idempotent=False, **overrides)
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+    except BaseException:
+        await producer.stop()
+        raise
+    return producer
+
+
+_told: set[str] = set()
+
+
+def _log_once(bootstrap: str) -> None:
+    if bootstrap not in _told:
+        _told.add(bootstrap)
+        log.info(
+            "the broker at %s has no idempotent producer (InitProducerId): producing "
+            "with acks=all alone, so a retried send may be written twice (readers "
+            "drop such duplicates by seq)",
+            bootstrap,
+        )
 
 
 def new_consumer(
@@ -42,8 +94,14 @@ def new_consumer(
     return AIOKafkaConsumer(*topics, **(options | overrides))
 
 
-async def ensure_topics(kafka: KafkaSettings) -> None:
-    """Create the three topics if they are missing (an existing topic is left alone)."""
+async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 30.0) -> None:
+    """Create the topics if they are missing (an existing topic is left alone), and
+    return once every broker can lead and serve each of their partitions.
+
+    Apache Kafka answers CreateTopics once the controller has the topic; each
+    broker learns of it a moment later. A reader started in that moment finds no
+    such topic, so this waits until every broker's metadata lists every partition
+    with a leader."""
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, client_id=kafka.client_id)
     await admin.start()
     try:
@@ -54,9 +112,49 @@ async def ensure_topics(kafka: KafkaSettings) -> None:
         for name, code, message in response.topic_errors:
             if code not in (0, _TOPIC_ALREADY_EXISTS):
                 raise KafkaError(f"could not create topic {name!r}: {message} (error {code})")
+        async with asyncio.timeout(timeout_s):
+            while not await _known_everywhere(admin, list(wanted)):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # metadata propagating; bounded by the timeout
+    except TimeoutError as exc:
+        raise KafkaError(
+            f"the topics {', '.join(wanted)} were created but not every broker of "
+            f"{kafka.bootstrap} serves them after {timeout_s:g}s"
+        ) from exc
     finally:
         await admin.close()
     log.info("topics ready: %s (%d partitions)", ", ".join(wanted), kafka.partitions)
+
+
+async def _known_everywhere(admin: AIOKafkaAdminClient, topics: list[str]) -> bool:
+    client = admin._client  # the admin's connected client; its API has no per-node send
+    await client.force_metadata_update()
+    for broker in client.cluster.brokers():
+        metadata = (await client.send(broker.nodeId, MetadataRequest(topics))).to_object()
+        for topic in metadata["topics"]:
+            if topic["error_code"] != 0 or not topic["partitions"]:
+                return False
+            if any(p["error_code"] != 0 or p["leader"] < 0 for p in topic["partitions"]):
+                return False
+    return True
+
+
+class TopicMissing(KafkaError):  # type: ignore[misc]
+    """A topic tokenbus reads does not exist; `tokenbus topics` creates it."""
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Every partition of ``topic``, as the broker says now.
+
+    A consumer's client knows only the topics it tracks: on Apache Kafka a fresh
+    one knows none (Tansu sends every topic in the first metadata answer), so the
+    topic is added to what it tracks, which fetches its metadata."""
+    ids = consumer.partitions_for_topic(topic)
+    if not ids:
+        await consumer._client.add_topic(topic)
+        ids = consumer.partitions_for_topic(topic)
+    if not ids:
+        raise TopicMissing(f"topic {topic!r} does not exist; `tokenbus topics` creates it")
+    return [TopicPartition(topic, p) for p in sorted(ids)]
 
 
 async def at_end(consumer: AIOKafkaConsumer, *partitions: TopicPartition) -> bool:

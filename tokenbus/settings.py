@@ -34,8 +34,11 @@ class KafkaSettings(_Settings):
     topic_prefix: str = ""
     partitions: int = Field(default=4, ge=1)
     replication_factor: int = Field(default=1, ge=1)
-    # Tansu (the embedded broker) has no InitProducerId; Apache Kafka should have this on.
-    enable_idempotence: bool = False
+    enable_idempotence: bool | None = Field(
+        default=None,
+        description="unset: idempotent wherever the broker supports it (Apache Kafka "
+        "does, the embedded Tansu does not); true: required; false: off",
+    )
     linger_ms: int = Field(default=2, ge=0, le=20)
     request_timeout_ms: int = Field(default=10_000, ge=100)
     client_id: str = "tokenbus"
@@ -175,10 +178,13 @@ class ClientSettings(_Settings):
 
 def kafka_env(kafka: KafkaSettings) -> dict[str, str]:
     """The environment that gives a child process these same Kafka settings."""
-    env = {
-        f"TOKENBUS_{name.upper()}": str(value)
-        for name, value in kafka.model_dump(exclude={"bootstrap_servers"}).items()
-    }
+    env = {}
+    for name, value in kafka.model_dump(exclude={"bootstrap_servers"}).items():
+        if value is None:
+            continue  # unset stays unset (None is no value a variable can hold)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"TOKENBUS_{name.upper()}"] = str(value)
     if kafka.bootstrap_servers:
         env["KAFKA_BOOTSTRAP_SERVERS"] = kafka.bootstrap_servers
     return env

@@ -15,10 +15,8 @@ import time
 import uuid
 from collections import OrderedDict
 
-from aiokafka import TopicPartition
-
 from schemas import Cancel, MalformedMessage, decode_cancel
-from tokenbus.kafka import at_end, new_consumer
+from tokenbus.kafka import at_end, new_consumer, partitions_of
 from tokenbus.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -43,12 +41,7 @@ class CancelWatcher:
         consumer = new_consumer(self._kafka, fetch_max_wait_ms=100)
         try:
             await consumer.start()
-            await consumer.topics()
-            partitions = [
-                TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
-            ]
-            if not partitions:
-                raise RuntimeError(f"topic {topic!r} does not exist; run `tokenbus topics`")
+            partitions = await partitions_of(consumer, topic)
             consumer.assign(partitions)
             since = int(time.time() * 1000) - self._lookback_ms
             starts = await consumer.offsets_for_times({tp: since for tp in partitions})

@@ -51,7 +51,7 @@ from schemas import (
     message_key,
 )
 from schemas.requests import ANY_MODEL
-from tokenbus.kafka import new_consumer, new_producer
+from tokenbus.kafka import new_consumer, start_producer
 from tokenbus.settings import KafkaSettings, WorkerSettings
 
 from .assignor import StickyAssignor
@@ -120,7 +120,6 @@ class Worker:
     async def run(self) -> None:
         """Serve until cancelled."""
         topics = self._kafka.topics
-        self._producer = new_producer(self._kafka)
         self._consumer = new_consumer(
             self._kafka,
             group_id=self._settings.group_id,
@@ -134,8 +133,8 @@ class Worker:
             ),
         )
         self._consumer.subscribe([topics.requests], listener=_Rebalance(self))
+        self._producer = await start_producer(self._kafka)
         try:
-            await self._producer.start()
             await self._consumer.start()
             log.info(
                 "worker %s serving %s on %s", self.worker_id, self._model.name, topics.requests

@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tokenbus.kafka import ensure_topics, new_consumer
+from tokenbus.kafka import ensure_topics, new_consumer, partitions_of
 from tokenbus.settings import AuditSettings, KafkaSettings
 
 from .checkpoints import Checkpointer
@@ -114,12 +114,10 @@ class AuditConsumer:
         )
         await consumer.start()
         try:
-            await consumer.topics()
             topics = self._kafka.topics
             assigned = [
-                TopicPartition(topic, partition)
-                for topic in (topics.requests, topics.tokens)
-                for partition in sorted(consumer.partitions_for_topic(topic) or ())
+                *await partitions_of(consumer, topics.requests),
+                *await partitions_of(consumer, topics.tokens),
             ]
             consumer.assign(assigned)
             stored = await _blocking(
