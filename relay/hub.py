@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client import Histogram
 
 from schemas import MalformedMessage, StartedEvent, StreamEvent, StreamView, decode_event
-from tokenbus.kafka import new_consumer, partitions_of
+from tokenbus.kafka import new_consumer, partitions_of, rewind_restarted
 from tokenbus.settings import KafkaSettings, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,8 @@ class StreamHub:
                 for records in batches.values():
                     for record in records:
                         self._dispatch(record.value, record.topic, record.partition, record.offset)
+                quiet = [tp for tp in partitions if not batches.get(tp)]
+                await rewind_restarted(consumer, quiet)
         finally:
             self.ready.clear()
             await consumer.stop()

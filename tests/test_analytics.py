@@ -44,6 +44,8 @@ from workers import LoadedModel
 
 from .conftest import eventually, free_port, serving, working
 
+pytestmark = pytest.mark.broker_behaviour
+
 KEYS = {"key-acme": "acme", "key-globex": "globex"}
 CHAT = [{"role": "user", "content": "Name a colour."}]
 

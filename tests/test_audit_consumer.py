@@ -11,6 +11,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
 from aiokafka import TopicPartition
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -27,6 +28,8 @@ from .audit_support import (
     stream_events,
 )
 from .conftest import eventually
+
+pytestmark = pytest.mark.broker_behaviour
 
 
 def contents(store: AuditStore) -> dict[uuid.UUID, tuple[bytes | None, list[tuple[int, bytes]]]]:

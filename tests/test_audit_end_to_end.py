@@ -15,6 +15,8 @@ from tokenbus.cli import main
 from .audit_support import auditing
 from .conftest import Stack, assert_complete, collect, eventually, text_of
 
+pytestmark = pytest.mark.broker_behaviour
+
 REQUESTS = 50
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from httpx_sse import aconnect_sse
 
 from producers import TokenbusClient
@@ -13,6 +14,8 @@ from tokenbus.settings import KafkaSettings
 from workers import LoadedModel
 
 from .conftest import Stack, assert_complete, collect, serving, working
+
+pytestmark = pytest.mark.broker_behaviour
 
 LONG = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 

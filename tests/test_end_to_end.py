@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 from httpx_sse import aconnect_sse
 
 from producers import TokenbusClient
@@ -22,6 +23,8 @@ from .conftest import (
     text_of,
     working,
 )
+
+pytestmark = pytest.mark.broker_behaviour
 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 

@@ -24,6 +24,8 @@ from workers import LoadedModel
 
 from .conftest import assert_complete, generate_alone, serving, text_of
 
+pytestmark = pytest.mark.broker_behaviour
+
 CHAT = [{"role": "user", "content": "Write a short story about a fox who learns to sail."}]
 
 

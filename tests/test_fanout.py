@@ -13,6 +13,7 @@ import socket
 from datetime import UTC, datetime
 
 import httpx
+import pytest
 from httpx_sse import EventSource
 
 from producers import TokenbusClient
@@ -32,6 +33,8 @@ from tokenbus.settings import KafkaSettings
 from workers.publisher import EventStream
 
 from .conftest import assert_complete, collect, eventually, serving
+
+pytestmark = pytest.mark.broker_behaviour
 
 SUBSCRIBERS = 200
 TOKENS = 300

@@ -23,6 +23,8 @@ from workers.engine import GenerationEngine, Step
 
 from .conftest import assert_complete, collect, serving, working
 
+pytestmark = pytest.mark.broker_behaviour
+
 CHAT = [{"role": "user", "content": "Say hi."}]
 
 

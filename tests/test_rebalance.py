@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+import pytest
 from aiokafka import TopicPartition
 
 from producers import TokenbusClient
@@ -28,6 +29,8 @@ from workers import LoadedModel
 from workers.assignor import StickyAssignor
 
 from .conftest import assert_complete, eventually, serving, text_of, working
+
+pytestmark = pytest.mark.broker_behaviour
 
 ESSAY = [
     {

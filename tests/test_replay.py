@@ -31,6 +31,8 @@ from workers.publisher import EventStream
 
 from .conftest import Stack, assert_complete, collect, serving, working
 
+pytestmark = pytest.mark.broker_behaviour
+
 CHAT = [{"role": "user", "content": "Describe the sea in two sentences."}]
 
 

@@ -3,12 +3,15 @@ on a topic is skipped and reported; the parts keep going."""
 
 from __future__ import annotations
 
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from schemas import ErrorCode, FailedEvent, FinishedEvent, FinishReason, message_key, uuid7
 from tokenbus.kafka import new_producer
 
 from .conftest import Stack, assert_complete, collect, eventually, text_of
+
+pytestmark = pytest.mark.broker_behaviour
 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 

@@ -62,7 +62,12 @@ class EmbeddedBroker:
                 self.stop()
                 raise BrokerStartError(f"tansu did not listen on {self.bootstrap} in {timeout_s}s")
             time.sleep(0.02)  # polling a port that is about to open; bounded by the deadline
-        log.info("embedded broker (tansu) listening on %s", self.bootstrap)
+        log.info(
+            "embedded broker (tansu) listening on %s; it keeps the log in memory only: "
+            "stopping it loses every request and stream (KAFKA_BOOTSTRAP_SERVERS names "
+            "a Kafka that keeps them)",
+            self.bootstrap,
+        )
 
     def stop(self) -> None:
         if self._process is None:

@@ -16,7 +16,7 @@ import uuid
 from collections import OrderedDict
 
 from schemas import Cancel, MalformedMessage, decode_cancel
-from tokenbus.kafka import at_end, new_consumer, partitions_of
+from tokenbus.kafka import at_end, new_consumer, partitions_of, rewind_restarted
 from tokenbus.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class CancelWatcher:
                 for records in batches.values():
                     for record in records:
                         self._record(record.value, record.offset)
+                await rewind_restarted(consumer, [tp for tp in partitions if not batches.get(tp)])
                 if not self.caught_up.is_set() and await at_end(consumer, *partitions):
                     self.caught_up.set()
         finally:

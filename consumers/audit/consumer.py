@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tokenbus.kafka import ensure_topics, new_consumer, partitions_of
+from tokenbus.kafka import ensure_topics, new_consumer, partitions_of, rewind_restarted
 from tokenbus.settings import AuditSettings, KafkaSettings
 
 from .checkpoints import Checkpointer
@@ -163,6 +163,9 @@ class AuditConsumer:
             records = [record for batch in fetched.values() for record in batch]
             if records:
                 await _blocking(functools.partial(self._write, records))
+            # Reading a restarted log again is safe: what the store holds is skipped.
+            quiet = [tp for tp in consumer.assignment() if not fetched.get(tp)]
+            await rewind_restarted(consumer, quiet)
             if time.monotonic() - self._group_committed >= _GROUP_COMMIT_EVERY_S:
                 await self._commit_group(consumer)
             if self._checkpointer.due():
