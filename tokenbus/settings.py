@@ -107,8 +107,12 @@ class WorkerSettings(_Settings):
         default=3, ge=1, description="attempts at a request whose generation crashes"
     )
     cache_dir: Path = Path.home() / ".cache" / "tokenbus"
-    session_timeout_ms: int = 10_000
-    heartbeat_interval_ms: int = 1_000
+    # A worker killed outright is noticed by the group after the session timeout,
+    # and only then is its partition given to another: most of the stall a client
+    # sees. 6 s is the least Apache Kafka accepts (group.min.session.timeout.ms);
+    # heartbeats every 0.5 s let the survivors learn of the rebalance at once.
+    session_timeout_ms: int = Field(default=6_000, ge=1)
+    heartbeat_interval_ms: int = Field(default=500, ge=1)
     max_poll_interval_ms: int = 60_000
     worker_metrics_port: int | None = Field(
         default=None, description="serve the worker's Prometheus metrics here"
