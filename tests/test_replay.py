@@ -11,6 +11,9 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.errors import KafkaError
 from httpx_sse import aconnect_sse
 
 from producers import StreamTruncated, TokenbusClient
@@ -22,6 +25,7 @@ from schemas import (
     decode_event,
     encode,
     message_key,
+    partition_for,
     uuid7,
 )
 from tokenbus.kafka import new_producer
@@ -29,7 +33,7 @@ from tokenbus.settings import KafkaSettings
 from workers import LoadedModel
 from workers.publisher import EventStream
 
-from .conftest import Stack, assert_complete, collect, serving, working
+from .conftest import ON_TANSU, Stack, assert_complete, collect, serving, text_of, working
 
 pytestmark = pytest.mark.broker_behaviour
 
@@ -78,8 +82,8 @@ async def test_pace_original_reproduces_the_recorded_gaps(stack: Stack) -> None:
 
 
 async def _stream_missing_its_start(kafka: KafkaSettings) -> GenerationRequest:
-    """A request whose first five events are no longer in the log (as after the
-    retention window passed them: Tansu has no DeleteRecords to do it for real)."""
+    """A whole stream (seq 0..8) whose first five events were then deleted from the
+    log for real (DeleteRecords, what retention does to an old segment)."""
     request = GenerationRequest(request_id=uuid7(), messages=CHAT, submitted_at=datetime.now(UTC))
     producer = new_producer(kafka)
     await producer.start()
@@ -87,13 +91,25 @@ async def _stream_missing_its_start(kafka: KafkaSettings) -> GenerationRequest:
         key = message_key(request.request_id)
         await producer.send_and_wait(kafka.topics.requests, encode(request), key=key)
         stream = EventStream(producer, kafka.topics.tokens, request.request_id, "w")
-        stream.next_seq = 5
-        for word in ("the", " tail", " only"):
+        await stream.started(model="m", model_revision="r", prompt_tokens=1, queue_wait_ms=0.0)
+        for word in ("a", " b", " c", " d", "the", " tail", " only"):
             await stream.token(word, [1], None)
-        await stream.finished(FinishReason.LENGTH, Usage(prompt_tokens=1, completion_tokens=8),
+        await stream.finished(FinishReason.LENGTH, Usage(prompt_tokens=1, completion_tokens=7),
                               Timings(ttft_ms=1.0, total_ms=2.0))  # fmt: skip
     finally:
         await producer.stop()
+    # The topic is this test's own: the stream is all its partition holds, seq n at offset n.
+    tp = TopicPartition(kafka.topics.tokens, partition_for(request.request_id, kafka.partitions))
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_records({tp: RecordsToDelete(before_offset=5)})
+    except KafkaError as exc:
+        if ON_TANSU:
+            pytest.skip(f"Tansu refuses DeleteRecords ({exc!r}); Apache Kafka runs this test")
+        raise
+    finally:
+        await admin.close()
     return request
 
 
@@ -114,6 +130,7 @@ async def test_resuming_before_what_the_log_holds_is_an_explicit_error(
                 await collect(client, request.request_id)
             tail = await collect(client, request.request_id, after=5)  # what is held still works
         assert [e.seq for e in tail] == [6, 7, 8]
+        assert text_of(tail) == " tail only"
 
 
 async def test_relay_memory_is_bounded_and_evicted_streams_come_from_the_log(
