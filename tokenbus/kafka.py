@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -45,7 +47,8 @@ async def start_producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProd
     wanted = kafka.enable_idempotence
     producer = new_producer(kafka, idempotent=wanted is not False, **overrides)
     try:
-        await producer.start()
+        with _quiet_producer_id_refusal():
+            await producer.start()
     except (UnknownError, UnsupportedVersionError) as exc:
         await producer.stop()
         if wanted:
@@ -67,6 +70,24 @@ async def start_producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProd
 
 
 _told: set[str] = set()
+
+
+class _ProducerIdRefusal(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "InitProducerId" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_producer_id_refusal() -> Iterator[None]:
+    """aiokafka logs a refused InitProducerId as an error; here it is an answer
+    (the broker has no idempotent producer), which start_producer reports itself."""
+    sender = logging.getLogger("aiokafka.producer.sender")
+    refusal = _ProducerIdRefusal()
+    sender.addFilter(refusal)
+    try:
+        yield
+    finally:
+        sender.removeFilter(refusal)
 
 
 def _log_once(bootstrap: str) -> None:
