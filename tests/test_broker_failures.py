@@ -37,9 +37,12 @@ from workers import LoadedModel
 from .audit_support import auditing
 from .conftest import ON_TANSU, assert_complete, eventually, free_port, serving, text_of, working
 
-pytestmark = pytest.mark.skipif(
-    ON_TANSU, reason="needs a three-node Apache Kafka cluster; Tansu is one node in memory"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        ON_TANSU, reason="needs a three-node Apache Kafka cluster; Tansu is one node in memory"
+    ),
+    pytest.mark.timeout(600),  # three JVMs and the model on two cores
+]
 
 ESSAY = [{"role": "user", "content": "Write a long essay about the history of Rome."}]
 STALLS: dict[str, float] = {}

@@ -150,7 +150,12 @@ async def _known_everywhere(admin: AIOKafkaAdminClient, topics: list[str]) -> bo
     client = admin._client  # the admin's connected client; its API has no per-node send
     await client.force_metadata_update()
     for broker in client.cluster.brokers():
-        metadata = (await client.send(broker.nodeId, MetadataRequest(topics))).to_object()
+        try:
+            metadata = (await client.send(broker.nodeId, MetadataRequest(topics))).to_object()
+        except KafkaError as exc:
+            if exc.retriable:  # a broker starting or stopping: ask again
+                return False
+            raise
         for topic in metadata["topics"]:
             if topic["error_code"] != 0 or not topic["partitions"]:
                 return False
