@@ -152,6 +152,7 @@ def make_certificates(directory: Path) -> Certificates:
 @dataclass(frozen=True)
 class SecureKafka:
     bootstrap: str  # the SASL_SSL listener
+    plaintext: str  # the cluster's PLAINTEXT listener, beside it
     certificates: Certificates
 
     def settings(self, **overrides: Any) -> KafkaSettings:
@@ -201,8 +202,10 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKaf
         for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512")
         for arg in ("--add-scram", f"{mechanism}=[name={USER},password={PASSWORD}]")
     ]
-    with KafkaCluster(ports=[free_port()], listeners=(listener,), format_args=scram):
-        yield SecureKafka(bootstrap=f"127.0.0.1:{port}", certificates=certificates)
+    with KafkaCluster(ports=[free_port()], listeners=(listener,), format_args=scram) as cluster:
+        yield SecureKafka(
+            bootstrap=f"127.0.0.1:{port}", plaintext=cluster.bootstrap, certificates=certificates
+        )
 
 
 @pytest.fixture
@@ -325,6 +328,11 @@ async def test_each_mechanism_produces_and_consumes(
     assert record.value == b"hello"
 
 
+@on_kafka
+async def test_plaintext_is_still_the_default(secure_kafka: SecureKafka) -> None:
+    await check_connection(KafkaSettings(bootstrap_servers=secure_kafka.plaintext))
+
+
 # -- refusals: one line naming the setting, at once ---------------------------------
 
 
@@ -373,10 +381,20 @@ async def test_the_system_cas_do_not_trust_a_private_ca(secure_kafka: SecureKafk
 
 
 @on_kafka
-async def test_plaintext_to_a_tls_listener_names_the_protocol(secure_kafka: SecureKafka) -> None:
-    kafka = KafkaSettings(bootstrap_servers=secure_kafka.bootstrap)
+@pytest.mark.parametrize("protocol", ["PLAINTEXT", "SSL"])
+async def test_a_protocol_the_listener_does_not_speak_names_the_protocol(
+    secure_kafka: SecureKafka, protocol: str
+) -> None:
+    # SSL to a SASL_SSL listener gets as far as the version lookup (answered before
+    # authentication), and is hung up on at the first real request.
+    kafka = KafkaSettings(
+        bootstrap_servers=secure_kafka.bootstrap,
+        kafka_security_protocol=protocol,
+        kafka_ssl_cafile=secure_kafka.certificates.ca if protocol == "SSL" else None,
+    )
     message = await refusal(kafka)
-    assert message.startswith("TOKENBUS_KAFKA_SECURITY_PROTOCOL: "), message
+    assert message.startswith("TOKENBUS_KAFKA_SECURITY_PROTOCOL: the broker at "), message
+    assert f"broke off a {protocol} connection" in message
 
 
 @on_kafka

@@ -125,6 +125,13 @@ async def check_connection(kafka: KafkaSettings) -> None:
                 sasl_plain_username=options.get("sasl_plain_username"),
                 sasl_plain_password=options.get("sasl_plain_password"),
             )
+            try:
+                # What a client asks first. A SASL listener answers the version
+                # lookup before authentication, so this is what catches a client
+                # that skips SASL (SSL to a SASL_SSL listener): the broker hangs up.
+                await conn.send(MetadataRequest([]))
+            finally:
+                conn.close()
         except ssl.SSLCertVerificationError as exc:
             raise KafkaSetupError(_untrusted(kafka, where, host, exc)) from None
         except (SaslAuthenticationFailed, AuthenticationFailedError) as exc:
@@ -151,7 +158,6 @@ async def check_connection(kafka: KafkaSettings) -> None:
         except OSError as exc:  # no such host, no route: not reached
             unreachable.append(f"{where} ({_reason(exc)})")
         else:
-            conn.close()
             return
     if mismatch is not None:
         raise mismatch
