@@ -48,6 +48,7 @@ from .audit_support import auditing
 from .conftest import ON_TANSU, assert_complete, collect, eventually, free_port, serving, working
 
 USER, PASSWORD = "alice", "alice-secret"
+CLIENT_KEY_PASSWORD = "client-key-secret"
 on_kafka = pytest.mark.skipif(
     ON_TANSU, reason="TLS and SASL are Apache Kafka's listeners; Tansu has neither"
 )
@@ -61,6 +62,8 @@ class Certificates:
     ca: Path  # the CA that signed the broker's certificate (PEM)
     other_ca: Path  # a CA that signed nothing the broker has
     broker_keystore: Path  # the broker's PKCS#8 key and certificate chain (PEM)
+    client_cert: Path  # a client certificate the CA signed (PEM)
+    client_key: Path  # its key, encrypted with CLIENT_KEY_PASSWORD (PEM, PKCS#8)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -103,47 +106,69 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def make_certificates(directory: Path) -> Certificates:
-    ca_key, ca_cert = _ca("tokenbus test CA")
-    _, other_cert = _ca("a CA the broker never heard of")
+def _signed(
+    ca_key: rsa.RSAPrivateKey,
+    ca_cert: x509.Certificate,
+    common_name: str,
+    usage: x509.ObjectIdentifier,
+    names: list[x509.GeneralName],
+) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     now = dt.datetime.now(dt.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(_name("localhost"))
+        .subject_name(_name(common_name))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(hours=1))
         .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
         )
-        .sign(ca_key, hashes.SHA256())
     )
-    ca = directory / "ca.pem"
-    ca.write_bytes(_pem(ca_cert))
-    other_ca = directory / "other-ca.pem"
-    other_ca.write_bytes(_pem(other_cert))
-    keystore = directory / "broker.pem"
-    keystore.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        + _pem(cert)
-        + _pem(ca_cert)
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def _key_pem(key: rsa.RSAPrivateKey, password: str | None = None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(password.encode())
+        if password is not None
+        else serialization.NoEncryption()
     )
-    return Certificates(ca=ca, other_ca=other_ca, broker_keystore=keystore)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+
+
+def make_certificates(directory: Path) -> Certificates:
+    ca_key, ca_cert = _ca("tokenbus test CA")
+    _, other_cert = _ca("a CA the broker never heard of")
+    broker_names: list[x509.GeneralName] = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
+    key, cert = _signed(ca_key, ca_cert, "localhost", ExtendedKeyUsageOID.SERVER_AUTH, broker_names)
+    client_key, client_cert = _signed(
+        ca_key, ca_cert, "tokenbus", ExtendedKeyUsageOID.CLIENT_AUTH, []
+    )
+    paths = Certificates(
+        ca=directory / "ca.pem",
+        other_ca=directory / "other-ca.pem",
+        broker_keystore=directory / "broker.pem",
+        client_cert=directory / "client.pem",
+        client_key=directory / "client-key.pem",
+    )
+    paths.ca.write_bytes(_pem(ca_cert))
+    paths.other_ca.write_bytes(_pem(other_cert))
+    paths.broker_keystore.write_bytes(_key_pem(key) + _pem(cert) + _pem(ca_cert))
+    paths.client_cert.write_bytes(_pem(client_cert))
+    paths.client_key.write_bytes(_key_pem(client_key, CLIENT_KEY_PASSWORD))
+    return paths
 
 
 # -- the cluster ----------------------------------------------------------------
@@ -152,6 +177,7 @@ def make_certificates(directory: Path) -> Certificates:
 @dataclass(frozen=True)
 class SecureKafka:
     bootstrap: str  # the SASL_SSL listener
+    mutual_tls: str  # an SSL listener that requires a client certificate
     plaintext: str  # the cluster's PLAINTEXT listener, beside it
     certificates: Certificates
 
@@ -196,15 +222,33 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKaf
             ),
         },
     )
+    tls_port = free_port()
+    tls = "listener.name.ssl."
+    mutual_tls = Listener(
+        name="SSL",
+        protocol="SSL",
+        ports=(tls_port,),
+        settings={
+            tls + "ssl.keystore.type": "PEM",
+            tls + "ssl.keystore.location": str(certificates.broker_keystore),
+            tls + "ssl.truststore.type": "PEM",
+            tls + "ssl.truststore.location": str(certificates.ca),
+            tls + "ssl.client.auth": "required",
+        },
+    )
     # KRaft keeps SCRAM credentials in its metadata: they are made at format time.
     scram = [
         arg
         for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512")
         for arg in ("--add-scram", f"{mechanism}=[name={USER},password={PASSWORD}]")
     ]
-    with KafkaCluster(ports=[free_port()], listeners=(listener,), format_args=scram) as cluster:
+    listeners = (listener, mutual_tls)
+    with KafkaCluster(ports=[free_port()], listeners=listeners, format_args=scram) as cluster:
         yield SecureKafka(
-            bootstrap=f"127.0.0.1:{port}", plaintext=cluster.bootstrap, certificates=certificates
+            bootstrap=f"127.0.0.1:{port}",
+            mutual_tls=f"127.0.0.1:{tls_port}",
+            plaintext=cluster.bootstrap,
+            certificates=certificates,
         )
 
 
@@ -328,6 +372,34 @@ async def test_each_mechanism_produces_and_consumes(
     assert record.value == b"hello"
 
 
+def mutual_tls(secure_kafka: SecureKafka, **overrides: Any) -> KafkaSettings:
+    certificates = secure_kafka.certificates
+    values: dict[str, Any] = {
+        "bootstrap_servers": secure_kafka.mutual_tls,
+        "topic_prefix": f"t{uuid.uuid4().hex[:12]}.",
+        "kafka_security_protocol": "SSL",
+        "kafka_ssl_cafile": certificates.ca,
+        "kafka_ssl_certfile": certificates.client_cert,
+        "kafka_ssl_keyfile": certificates.client_key,
+        "kafka_ssl_key_password": SecretStr(CLIENT_KEY_PASSWORD),
+    }
+    return KafkaSettings(**(values | overrides))
+
+
+@on_kafka
+async def test_a_client_certificate_with_an_encrypted_key_gets_in(
+    secure_kafka: SecureKafka,
+) -> None:
+    kafka = mutual_tls(secure_kafka)
+    await check_connection(kafka)
+    await ensure_topics(kafka)
+    producer = await start_producer(kafka)
+    try:
+        await producer.send_and_wait(kafka.topics.control, b"hello", key=b"k")
+    finally:
+        await producer.stop()
+
+
 @on_kafka
 async def test_plaintext_is_still_the_default(secure_kafka: SecureKafka) -> None:
     await check_connection(KafkaSettings(bootstrap_servers=secure_kafka.plaintext))
@@ -393,8 +465,22 @@ async def test_a_protocol_the_listener_does_not_speak_names_the_protocol(
         kafka_ssl_cafile=secure_kafka.certificates.ca if protocol == "SSL" else None,
     )
     message = await refusal(kafka)
-    assert message.startswith("TOKENBUS_KAFKA_SECURITY_PROTOCOL: the broker at "), message
-    assert f"broke off a {protocol} connection" in message
+    assert message.startswith(f"TOKENBUS_KAFKA_SECURITY_PROTOCOL={protocol}: the broker at ")
+    assert "broke the connection off" in message
+
+
+@on_kafka
+async def test_no_client_certificate_where_one_is_required_names_the_certfile(
+    secure_kafka: SecureKafka,
+) -> None:
+    kafka = mutual_tls(
+        secure_kafka,
+        kafka_ssl_certfile=None,
+        kafka_ssl_keyfile=None,
+        kafka_ssl_key_password=None,
+    )
+    message = await refusal(kafka)
+    assert message.startswith("TOKENBUS_KAFKA_SSL_CERTFILE: the broker at "), message
 
 
 @on_kafka
@@ -453,6 +539,18 @@ def test_a_ca_file_that_is_no_certificate_names_the_setting(tmp_path: Path) -> N
     ca.write_text("not a certificate\n")
     kafka = KafkaSettings(kafka_security_protocol="SSL", kafka_ssl_cafile=ca)
     with pytest.raises(KafkaSetupError, match=r"TOKENBUS_KAFKA_SSL_CAFILE: .* no usable PEM"):
+        client_options(kafka)
+
+
+def test_a_wrong_key_password_names_the_settings(tmp_path: Path) -> None:
+    certificates = make_certificates(tmp_path)
+    kafka = KafkaSettings(
+        kafka_security_protocol="SSL",
+        kafka_ssl_certfile=certificates.client_cert,
+        kafka_ssl_keyfile=certificates.client_key,
+        kafka_ssl_key_password=SecretStr("not-the-key-password"),
+    )
+    with pytest.raises(KafkaSetupError, match="TOKENBUS_KAFKA_SSL_CERTFILE/KEYFILE/KEY_PASSWORD"):
         client_options(kafka)
 
 

@@ -150,9 +150,12 @@ async def check_connection(kafka: KafkaSettings) -> None:
         except (ssl.SSLError, ConnectionResetError, KafkaConnectionError, KafkaError) as exc:
             # Reached, but the conversation broke off: a listener that speaks another
             # protocol does that (TLS to a plaintext port, plaintext to a TLS one).
+            refused = _client_certificate_refused(exc)
+            if refused is not None:
+                raise KafkaSetupError(_no_client_certificate(kafka, where, refused)) from None
             mismatch = KafkaSetupError(
-                f"TOKENBUS_KAFKA_SECURITY_PROTOCOL: the broker at {where} broke off a "
-                f"{kafka.kafka_security_protocol} connection ({_reason(exc)}); does that "
+                f"TOKENBUS_KAFKA_SECURITY_PROTOCOL={kafka.kafka_security_protocol}: the "
+                f"broker at {where} broke the connection off ({_reason(exc)}); does that "
                 "listener speak another protocol?"
             )
         except OSError as exc:  # no such host, no route: not reached
@@ -179,6 +182,42 @@ def _untrusted(
     return (
         f"TOKENBUS_KAFKA_SSL_CAFILE: the broker's certificate at {where} is not trusted "
         f"({reason}; CA file: {source})"
+    )
+
+
+# TLS alerts a broker sends when it wants a client certificate it did not get, or
+# does not trust the one it got (Java sends bad_certificate for a missing one).
+_CLIENT_CERTIFICATE_ALERTS = {
+    "SSLV3_ALERT_BAD_CERTIFICATE",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    "TLSV1_ALERT_UNKNOWN_CA",
+}
+
+
+def _client_certificate_refused(exc: BaseException) -> ssl.SSLError | None:
+    """The broker's TLS alert about our certificate, where ``exc`` comes of one. In
+    TLS 1.3 the client's side of the handshake ends before the broker checks the
+    client's certificate, so the alert comes on the first read, and aiokafka
+    reports a closed connection caused by it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) and seen.reason in _CLIENT_CERTIFICATE_ALERTS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _no_client_certificate(kafka: KafkaSettings, where: str, alert: ssl.SSLError) -> str:
+    certfile = kafka.kafka_ssl_certfile
+    if certfile is None:
+        return (
+            f"TOKENBUS_KAFKA_SSL_CERTFILE: the broker at {where} requires a client "
+            f"certificate and none is set ({alert.reason})"
+        )
+    return (
+        f"TOKENBUS_KAFKA_SSL_CERTFILE: the broker at {where} refused the client "
+        f"certificate {certfile} ({alert.reason})"
     )
 
 
