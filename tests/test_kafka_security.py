@@ -484,15 +484,22 @@ async def test_no_client_certificate_where_one_is_required_names_the_certfile(
 
 
 @on_kafka
-def test_the_cli_prints_one_line_and_exits_for_a_wrong_password(
-    secure_kafka: SecureKafka,
+@pytest.mark.parametrize("command", ["topics", "serve", "worker", "audit run", "analytics", "up"])
+def test_each_command_prints_one_line_and_exits_for_a_wrong_password(
+    secure_kafka: SecureKafka, command: str, tmp_path: Path
 ) -> None:
     kafka = secure_kafka.settings(kafka_sasl_password=SecretStr("not-the-password"))
-    result = _tokenbus("topics", env=kafka_env(kafka), timeout=60)
+    env = kafka_env(kafka) | {
+        "TOKENBUS_AUDIT_STORE": str(tmp_path / "audit.db"),  # not the user's own
+        "TOKENBUS_PORT": str(free_port()),
+        "TOKENBUS_ANALYTICS_PORT": str(free_port()),
+    }
+    result = _tokenbus(*command.split(), env=env, timeout=120)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("tokenbus topics: TOKENBUS_KAFKA_SASL_USERNAME/PASSWORD: ")
+    name = command.split()[0]
+    assert lines[0].startswith(f"tokenbus {name}: TOKENBUS_KAFKA_SASL_USERNAME/PASSWORD: ")
     assert result.stdout == ""
 
 
