@@ -597,6 +597,15 @@ def test_the_cli_names_a_missing_ca_file_in_one_line(tmp_path: Path) -> None:
     )
 
 
+def test_the_cli_names_an_unknown_protocol_in_one_line() -> None:
+    env = {"TOKENBUS_KAFKA_SECURITY_PROTOCOL": "TLS"}
+    result = _tokenbus("topics", env=env, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(
+        "tokenbus topics: TOKENBUS_KAFKA_SECURITY_PROTOCOL: Input should be 'PLAINTEXT'"
+    ), result.stderr
+
+
 def test_kafka_env_gives_a_child_the_same_security_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
