@@ -49,6 +49,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except SetupError as exc:
+        print(f"tokenbus {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+class SetupError(Exception):
+    """A setting that cannot work: printed as one line, exit status 2."""
+
+
+def _kafka_settings(**flags: Any) -> KafkaSettings:
+    """The Kafka settings from flags and the environment; a bad one is a `SetupError`
+    naming the variable, not a traceback."""
+    from pydantic import ValidationError
+
+    try:
+        return KafkaSettings(**flags)
+    except ValidationError as exc:
+        raise SetupError("; ".join(_setting_error(error) for error in exc.errors())) from None
+
+
+def _setting_error(error: Any) -> str:
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:
+        return message  # the model's own check: its message names the variables
+    return f"TOKENBUS_{str(error['loc'][0]).upper()}: {message}"
+
+
+def _check_kafka(kafka: KafkaSettings) -> None:
+    """Fail at start, in one line, if the broker refuses these settings (a wrong
+    password, an untrusted certificate) rather than retry them forever."""
+    from .kafka import KafkaSetupError, check_connection
+
+    try:
+        asyncio.run(check_connection(kafka))
+    except KafkaSetupError as exc:
+        raise SetupError(str(exc)) from None
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -66,8 +102,10 @@ def _given(**flags: Any) -> dict[str, Any]:
 def _up(args: argparse.Namespace) -> int:
     from .broker import EmbeddedBroker
 
-    kafka = KafkaSettings(**_given(broker_port=args.broker_port))
+    kafka = _kafka_settings(**_given(broker_port=args.broker_port))
     server = ServerSettings(**_given(port=args.port, host=args.host))
+    if not kafka.embedded:
+        _check_kafka(kafka)
     started = time.perf_counter()
     broker = EmbeddedBroker(port=kafka.broker_port) if kafka.embedded else None
     try:
@@ -153,7 +191,7 @@ def _broker(args: argparse.Namespace) -> int:
     from .broker import EmbeddedBroker
     from .kafka import ensure_topics
 
-    kafka = KafkaSettings(**_given(broker_port=args.broker_port))
+    kafka = _kafka_settings(**_given(broker_port=args.broker_port))
     with EmbeddedBroker(port=kafka.broker_port, quiet=False) as broker:
         asyncio.run(ensure_topics(kafka))
         print(f"broker on {broker.bootstrap}; KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}")
@@ -164,7 +202,8 @@ def _broker(args: argparse.Namespace) -> int:
 def _topics(args: argparse.Namespace) -> int:
     from .kafka import ensure_topics
 
-    kafka = KafkaSettings()
+    kafka = _kafka_settings()
+    _check_kafka(kafka)
     asyncio.run(ensure_topics(kafka))
     print(f"topics ready on {kafka.bootstrap}: {', '.join(kafka.topics.all())}")
     return 0
@@ -172,7 +211,9 @@ def _topics(args: argparse.Namespace) -> int:
 
 def _serve_cmd(args: argparse.Namespace) -> int:
     server = ServerSettings(**_given(port=args.port, host=args.host))
-    asyncio.run(_serve(KafkaSettings(), server))
+    kafka = _kafka_settings()
+    _check_kafka(kafka)
+    asyncio.run(_serve(kafka, server))
     return 0
 
 
@@ -256,10 +297,11 @@ async def _announce(
 def _worker(args: argparse.Namespace) -> int:
     from workers import ModelLoadError, Worker, load_model
 
-    kafka = KafkaSettings()
+    kafka = _kafka_settings()
     settings = WorkerSettings(
         **_given(model=args.model, device=args.device, max_batch=args.max_batch)
     )
+    _check_kafka(kafka)  # before the model loads: seconds sooner
     try:
         loaded = load_model(
             settings.model,
@@ -330,8 +372,10 @@ def _audit_run(args: argparse.Namespace) -> int:
     from consumers.audit.metrics import serve_metrics
 
     settings = _audit_settings(args)
+    kafka = _kafka_settings()
+    _check_kafka(kafka)
     consumer = AuditConsumer(
-        kafka=KafkaSettings(),
+        kafka=kafka,
         settings=settings,
         store=open_store(settings.store),
         key=signing_key(settings),
@@ -427,7 +471,9 @@ def _analytics(args: argparse.Namespace) -> int:
     from .settings import AnalyticsSettings
 
     settings = AnalyticsSettings(**_given(analytics_port=args.port, analytics_host=args.host))
-    analytics = Analytics(kafka=KafkaSettings(), settings=settings)
+    kafka = _kafka_settings()
+    _check_kafka(kafka)
+    analytics = Analytics(kafka=kafka, settings=settings)
     analytics.run(loglevel=os.environ.get("TOKENBUS_LOG_LEVEL", "INFO"))
     return 0
 

@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -158,7 +158,11 @@ class KafkaCluster:
         listeners: tuple[Listener, ...] = (),
         settings: Mapping[str, str] | None = None,
         heap: str = "512m",
+        format_args: Sequence[str] = (),
     ) -> None:
+        """``format_args`` go to ``kafka-storage format``: KRaft keeps SCRAM users in
+        its metadata, so they are made there, e.g. ``("--add-scram",
+        "SCRAM-SHA-256=[name=alice,password=alice-secret]")``."""
         if not ports:
             raise ValueError("a cluster needs at least one port")
         self.host = host
@@ -167,6 +171,7 @@ class KafkaCluster:
         self._listeners = listeners
         self._settings = dict(settings or {})
         self._heap = heap
+        self._format_args = list(format_args)
         self._root: Path | None = None
         self.nodes: list[_Node] = []
         self._lib: Path | None = None
@@ -199,7 +204,7 @@ class KafkaCluster:
         formats = [
             subprocess.Popen(
                 self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c",
-                           str(node.config)),
+                           str(node.config), *self._format_args),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             )
             for node in self.nodes

@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import Topics
@@ -43,6 +43,91 @@ class KafkaSettings(_Settings):
     request_timeout_ms: int = Field(default=10_000, ge=100)
     client_id: str = "tokenbus"
 
+    # Secure connections, for every Kafka client tokenbus makes (see tokenbus.kafka).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="how clients talk to the broker's listener"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        default="PLAIN", description="with SASL_PLAINTEXT or SASL_SSL"
+    )
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = Field(
+        default=None,
+        description="PEM CA certificates the broker's must chain to; unset: the system's",
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        default=None, description="PEM client certificate (chain), for brokers that ask for one"
+    )
+    kafka_ssl_keyfile: Path | None = Field(
+        default=None,
+        description="PEM private key of the client certificate (unset: in the certfile)",
+    )
+    kafka_ssl_key_password: SecretStr | None = Field(
+        default=None, description="the private key's password, if it is encrypted"
+    )
+
+    @model_validator(mode="after")
+    def _security_is_whole(self) -> KafkaSettings:
+        """Settings that cannot work are refused here, each naming its variable, rather
+        than failing later at the first connection (or being silently ignored)."""
+        protocol = self.kafka_security_protocol
+        if self.uses_sasl:
+            missing = [
+                f"TOKENBUS_KAFKA_SASL_{name.upper()}"
+                for name, value in (
+                    ("username", self.kafka_sasl_username),
+                    ("password", self.kafka_sasl_password),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError(
+                    f"TOKENBUS_KAFKA_SECURITY_PROTOCOL={protocol} needs {' and '.join(missing)}"
+                )
+        elif self.kafka_sasl_username or self.kafka_sasl_password:
+            # Credentials that would never be sent are a mistake in the protocol, most
+            # likely: refusing beats connecting without them.
+            raise ValueError(
+                "TOKENBUS_KAFKA_SASL_USERNAME/PASSWORD are set but "
+                f"TOKENBUS_KAFKA_SECURITY_PROTOCOL={protocol} does not use SASL: "
+                "say SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        files = {
+            "TOKENBUS_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+            "TOKENBUS_KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
+            "TOKENBUS_KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile,
+        }
+        given = [name for name, path in files.items() if path is not None]
+        if self.kafka_ssl_key_password is not None:
+            given.append("TOKENBUS_KAFKA_SSL_KEY_PASSWORD")
+        if given and not self.uses_ssl:
+            # Same reasoning: a CA or client certificate set beside a plaintext
+            # protocol would be ignored, and the connection sent in the clear.
+            raise ValueError(
+                f"{', '.join(given)} set but TOKENBUS_KAFKA_SECURITY_PROTOCOL={protocol} "
+                "does not use TLS: say SSL or SASL_SSL"
+            )
+        if self.kafka_ssl_certfile is None and (
+            self.kafka_ssl_keyfile is not None or self.kafka_ssl_key_password is not None
+        ):
+            raise ValueError(
+                "TOKENBUS_KAFKA_SSL_KEYFILE/KEY_PASSWORD need TOKENBUS_KAFKA_SSL_CERTFILE "
+                "(the client certificate the key belongs to)"
+            )
+        for name, path in files.items():
+            if path is not None:
+                _readable(name, path)
+        return self
+
+    @property
+    def uses_ssl(self) -> bool:
+        return self.kafka_security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.kafka_security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
     @property
     def bootstrap(self) -> str:
         return self.bootstrap_servers or f"127.0.0.1:{self.broker_port}"
@@ -54,6 +139,14 @@ class KafkaSettings(_Settings):
     @property
     def topics(self) -> Topics:
         return Topics.with_prefix(self.topic_prefix)
+
+
+def _readable(name: str, path: Path) -> None:
+    try:
+        with path.open("rb") as file:
+            file.read(1)
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot read {path} ({exc.strerror or exc})") from None
 
 
 class ServerSettings(_Settings):

@@ -31,6 +31,7 @@ from faust.web import Request, Response, View
 from prometheus_client import generate_latest
 
 from schemas import MalformedMessage, decode_event, decode_request
+from tokenbus.kafka import ssl_context
 from tokenbus.settings import AnalyticsSettings, KafkaSettings
 
 from .metrics import AnalyticsMetrics
@@ -157,6 +158,7 @@ def _faust_app(kafka: KafkaSettings, settings: AnalyticsSettings) -> faust.App:
         kafka.topic_prefix + settings.analytics_group_id,
         broker=[f"kafka://{server}" for server in kafka.bootstrap.split(",")],
         broker_client_id=kafka.client_id,
+        broker_credentials=broker_credentials(kafka),
         store="memory://",
         topic_partitions=kafka.partitions,
         topic_replication_factor=kafka.replication_factor,
@@ -174,6 +176,23 @@ def _faust_app(kafka: KafkaSettings, settings: AnalyticsSettings) -> faust.App:
         web_port=settings.analytics_port,
         web_host=settings.analytics_host,
     )
+
+
+def broker_credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
+    """The security settings every tokenbus client uses (`tokenbus.kafka.client_options`),
+    in Faust's words; its transport turns them back into the same aiokafka options
+    for its consumer, producer and admin client."""
+    if kafka.uses_sasl:
+        assert kafka.kafka_sasl_password is not None  # the settings' validator says so
+        return faust.SASLCredentials(
+            username=kafka.kafka_sasl_username,
+            password=kafka.kafka_sasl_password.get_secret_value(),
+            mechanism=kafka.kafka_sasl_mechanism,
+            ssl_context=ssl_context(kafka) if kafka.uses_ssl else None,
+        )
+    if kafka.uses_ssl:
+        return faust.SSLCredentials(ssl_context(kafka))
+    return None
 
 
 def _logging_config(level: str) -> dict[str, Any]:
