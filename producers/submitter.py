@@ -20,6 +20,9 @@ class BrokerUnavailable(RuntimeError):
     """The broker did not take the message; nothing was accepted. Retry later."""
 
 
+_READY_TIMEOUT_S = 2.0
+
+
 class Submitter:
     """Owns the API's producer. It connects lazily and reconnects after a failure,
     so the API starts (and says it is not ready) even while the broker is away."""
@@ -37,9 +40,13 @@ class Submitter:
         await self._send(self._kafka.topics.control, cancel.request_id, encode(cancel))
 
     async def ready(self) -> bool:
+        """Whether a broker answers now: a metadata round trip, not only a producer
+        that once connected (it stays "connected" through an outage)."""
         try:
-            await self._connected()
-        except BrokerUnavailable:
+            producer = await self._connected()
+            async with asyncio.timeout(_READY_TIMEOUT_S):
+                await producer.client.fetch_all_metadata()
+        except (BrokerUnavailable, KafkaError, TimeoutError):
             return False
         return True
 

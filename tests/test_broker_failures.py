@@ -71,9 +71,11 @@ async def kafka3(cluster: KafkaCluster) -> AsyncIterator[KafkaSettings]:
     await ensure_topics(kafka)
     yield kafka
     # The next test starts from a whole cluster with every replica in sync.
+    # (All dead nodes at once: one node of three alone has no controller quorum.)
     for node in cluster.nodes:
         if node.node_id not in cluster.running():
-            await asyncio.to_thread(cluster.start_node, node.node_id)
+            cluster.start_node(node.node_id, wait=False)
+    await asyncio.to_thread(cluster.wait_serving, timeout_s=120)
     await eventually(lambda: _in_sync(kafka), within=60)
 
 
@@ -208,6 +210,37 @@ async def test_a_rolling_restart_of_every_broker_under_20_streams(
         STALLS["rolling restart"] = round(max(s.longest_stall for s in streams), 2)
         await _ready_again(http)
         await _audited(store, ids, None)
+
+
+async def test_readyz_tells_the_truth_through_a_whole_cluster_outage(
+    cluster: KafkaCluster, kafka3: KafkaSettings, smollm: LoadedModel
+) -> None:
+    """Every broker killed: /readyz says 503 while none answers, 200 once they are
+    back, and the same relay and worker serve the next request."""
+
+    async def status() -> int:
+        return (await http.get("/readyz")).status_code
+
+    async with (
+        serving(kafka3) as (url, http),
+        working(kafka3, smollm),
+        TokenbusClient(url, timeout=60) as client,
+    ):
+        assert await status() == 200
+        for node in list(cluster.running()):
+            cluster.kill(node, signal.SIGKILL)
+
+        async def unready() -> bool:
+            return await status() == 503
+
+        await eventually(unready, within=30)
+        for node in cluster.nodes:
+            await asyncio.to_thread(cluster.start_node, node.node_id, wait=False)
+        await asyncio.to_thread(cluster.wait_serving, timeout_s=120)
+        await _ready_again(http)
+        submission = await client.submit(prompt="Say hi.", max_tokens=8)
+        stream = await asyncio.wait_for(Timed().follow(client, submission.request_id), 120)
+        assert_complete(stream.events)
 
 
 # -- helpers
