@@ -185,17 +185,13 @@ async def _serve(kafka: KafkaSettings, server: ServerSettings) -> None:
 def _start_server(kafka: KafkaSettings, server: ServerSettings) -> tuple[asyncio.Task[None], Any]:
     import uvicorn
 
+    from .access import AccessConfigError
     from .server import create_app
 
-    if not (server.api_keys or server.api_keys_file):
-        if server.host not in {"127.0.0.1", "localhost", "::1"}:
-            raise SystemExit(
-                f"tokenbus: no API keys are configured, so it will not listen on {server.host}. "
-                'Set TOKENBUS_API_KEYS=\'{"<key>": "<tenant>"}\' (or TOKENBUS_API_KEYS_FILE), '
-                "or listen on 127.0.0.1."
-            )
-        log.warning("no API keys configured: one anonymous tenant, listening on loopback only")
-    app = create_app(kafka=kafka, settings=server)
+    try:
+        app = create_app(kafka=kafka, settings=server)  # enforces the access rules
+    except AccessConfigError as exc:
+        raise SystemExit(f"tokenbus: {exc}") from None
     uv = uvicorn.Server(
         uvicorn.Config(app, host=server.host, port=server.port, log_level="warning")
     )

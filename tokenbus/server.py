@@ -36,7 +36,12 @@ log = logging.getLogger(__name__)
 
 
 def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
-    access = Access(settings)  # reads the keys file now: a bad one fails at start
+    # Reads the keys file now, and refuses (AccessConfigError) a file without keys, or
+    # no keys at all on an address beyond loopback: whoever builds the app, it fails
+    # at start rather than serve without authentication.
+    access = Access(settings)
+    if access.anonymous:
+        log.warning("no API keys configured: one anonymous tenant, listening on loopback only")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
