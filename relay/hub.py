@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Histogram
 
-from schemas import MalformedMessage, StartedEvent, StreamEvent, StreamView, decode_event
+from schemas import (
+    MalformedMessage,
+    StartedEvent,
+    StreamEvent,
+    StreamView,
+    decode_event,
+    is_terminal,
+)
 from tokenbus.kafka import new_consumer
 from tokenbus.settings import KafkaSettings, ServerSettings
 
@@ -110,6 +117,13 @@ class StreamHub:
     def holds(self, request_id: uuid.UUID) -> bool:
         stream = self._streams.get(request_id)
         return stream is not None and bool(stream.events)
+
+    def finished_at(self, request_id: uuid.UUID) -> int | None:
+        """The seq of the stream's terminal event, if this hub holds it."""
+        stream = self._streams.get(request_id)
+        if stream is None or not stream.events or not is_terminal(stream.events[-1]):
+            return None
+        return stream.events[-1].seq
 
     @contextmanager
     def listen(self, request_id: uuid.UUID) -> Iterator[Listener]:

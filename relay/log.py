@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -29,6 +29,7 @@ from schemas import (
     StreamView,
     decode_event,
     decode_request,
+    is_terminal,
     message_key,
     partition_for,
     uuid7_unix_ms,
@@ -77,9 +78,17 @@ class LogReader:
                     return Submitted(None)
         return None
 
+    async def finished_at(self, request_id: uuid.UUID) -> int | None:
+        """The seq of the stream's terminal event, if the log holds it by now."""
+        async with aclosing(self.events(request_id, from_seq=0)) as events:
+            async for event in events:
+                if is_terminal(event):
+                    return event.seq
+        return None
+
     async def events(
         self, request_id: uuid.UUID, *, from_seq: int, before_seq: int | None = None
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         """The request's events with ``from_seq <= seq``, in order.
 
         With ``before_seq`` the read ends once ``before_seq - 1`` is reached (those

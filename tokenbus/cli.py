@@ -461,11 +461,15 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 async def _stream_async(args: argparse.Namespace, *, after: int, pace: str = "fast") -> int:
-    from producers import TokenbusClient
+    from producers import TokenbusClient, TokenbusError
 
     async with TokenbusClient(ClientSettings(**_given(url=args.url)).url) as client:
-        return await _print_stream(client, args.request_id, after=after, as_json=args.json,
-                                   pace=pace)  # fmt: skip
+        try:
+            return await _print_stream(client, args.request_id, after=after, as_json=args.json,
+                                       pace=pace)  # fmt: skip
+        except TokenbusError as exc:  # 404, 416 after_end_of_stream …: a reason, no traceback
+            print(f"tokenbus: {exc}", file=sys.stderr)
+            return 1
 
 
 async def _print_stream(
