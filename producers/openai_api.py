@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -36,9 +36,9 @@ from schemas import (
     TokenEvent,
     uuid7,
 )
-from schemas.requests import ANY_MODEL, ChatMessage
+from schemas.requests import ANY_MODEL, MAX_PROMPT_CHARS, ChatMessage
 from tokenbus.access import Caller
-from tokenbus.http import ApiError
+from tokenbus.http import ApiError, json_body
 
 from .api import accept, caller
 
@@ -79,8 +79,14 @@ class _OpenAIBody(BaseModel):
     cancel_on_disconnect: bool = False  # an extension
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
+        # Zero is a value, not an absence: 0 goes on to be refused, as the native
+        # API refuses it, rather than replaced by the default.
+        max_tokens = next(
+            (n for n in (self.max_completion_tokens, self.max_tokens) if n is not None),
+            default_max_tokens,
+        )
         given: dict[str, Any] = {
-            "max_tokens": self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            "max_tokens": max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,
@@ -100,12 +106,12 @@ class _OpenAIBody(BaseModel):
 
 class _ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 
 class _ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[_ContentPart]
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | list[_ContentPart]
 
     def plain(self) -> ChatMessage:
         text = (
@@ -132,14 +138,23 @@ class CompletionBody(_OpenAIBody):
         return self.prompt[0]
 
 
+# OpenAI answers bad input 400 with the first problem; read strictly (`json_body`).
+_chat_body = json_body(ChatCompletionBody, status=400, first_only=True)
+_completion_body = json_body(CompletionBody, status=400, first_only=True)
+
+
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
     request: Request,
     caller: Annotated[Caller, Depends(caller)],
-    raw: Annotated[dict[str, Any], Body()],
+    body: Annotated[ChatCompletionBody, Depends(_chat_body)],
 ) -> JSONResponse | EventSourceResponse:
-    body = _parse(ChatCompletionBody, raw)
-    messages = [m.plain() for m in body.messages]
+    messages = []
+    for i, message in enumerate(body.messages):
+        try:
+            messages.append(message.plain())
+        except ValidationError as exc:  # joined parts longer than a message may be
+            raise _invalid(f"messages.{i}.{_first_error(exc)}", param=f"messages.{i}") from None
     return await _complete(request, caller, body, "chat", messages=messages, prompt=None)
 
 
@@ -147,9 +162,8 @@ async def chat_completions(
 async def completions(
     request: Request,
     caller: Annotated[Caller, Depends(caller)],
-    raw: Annotated[dict[str, Any], Body()],
+    body: Annotated[CompletionBody, Depends(_completion_body)],
 ) -> JSONResponse | EventSourceResponse:
-    body = _parse(CompletionBody, raw)
     if body.echo:
         raise _invalid("echo is not supported", param="echo")
     return await _complete(request, caller, body, "text", messages=None, prompt=body.text())
@@ -296,13 +310,6 @@ def _error_body(failed: FailedEvent) -> tuple[int, dict[str, Any]]:
 
 def _data(payload: dict[str, Any]) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(payload, separators=(",", ":")))
-
-
-def _parse(model: type[_OpenAIBody], raw: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        raise _invalid(_first_error(exc)) from None
 
 
 def _first_error(exc: ValidationError) -> str:
