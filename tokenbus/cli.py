@@ -186,15 +186,14 @@ def _start_server(kafka: KafkaSettings, server: ServerSettings) -> tuple[asyncio
     import uvicorn
 
     from .access import AccessConfigError
+    from .edge import server_config
     from .server import create_app
 
     try:
         app = create_app(kafka=kafka, settings=server)  # enforces the access rules
     except AccessConfigError as exc:
         raise SystemExit(f"tokenbus: {exc}") from None
-    uv = uvicorn.Server(
-        uvicorn.Config(app, host=server.host, port=server.port, log_level="warning")
-    )
+    uv = uvicorn.Server(server_config(app, server, log_level="warning"))
     serving = asyncio.create_task(uv.serve())
     # On Ctrl-C uvicorn finishes serving, then raises the signal again for us: the
     # KeyboardInterrupt ends `up` (exit 130) through the loop, so the task's copy of

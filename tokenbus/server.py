@@ -29,6 +29,7 @@ from relay.routes import router as relay_router
 
 from . import __version__
 from .access import Access
+from .edge import BodyLimits
 from .http import error_response, install_error_handlers
 from .settings import KafkaSettings, ServerSettings
 
@@ -76,6 +77,9 @@ def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="tokenbus", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(
+        BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_read_timeout_s
+    )
     app.include_router(submit_router)
     app.include_router(openai_router)
     app.include_router(relay_router)

@@ -78,6 +78,18 @@ class ServerSettings(_Settings):
     tenant_max_streams: int = Field(default=256, ge=1, description="open SSE streams per tenant")
     max_connections_per_client: int = Field(default=64, ge=1, description="open streams per IP")
 
+    # What a client may take before the app sees its request (tokenbus.edge).
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1, description="larger request bodies are refused (413)"
+    )
+    body_read_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="a request head, and then its body, must each arrive within this",
+    )  # fmt: skip
+    max_connections: int = Field(
+        default=1024, ge=1, description="open HTTP connections per process; beyond: 503"
+    )
+
 
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
