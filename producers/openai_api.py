@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from relay.streaming import open_stream, stream_response
 from relay.subscription import subscribe
 from schemas import (
     ErrorCode,
@@ -76,7 +77,13 @@ class _OpenAIBody(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    cancel_on_disconnect: bool = False  # an extension
+    # An extension. Unset: a streaming request is cancelled when its client closes
+    # the connection (as vLLM does: nobody is left to read it), a whole one is not.
+    cancel_on_disconnect: bool | None = None
+
+    @property
+    def cancels_on_disconnect(self) -> bool:
+        return self.stream if self.cancel_on_disconnect is None else self.cancel_on_disconnect
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         # Zero is a value, not an absence: 0 goes on to be refused, as the native
@@ -197,23 +204,36 @@ async def _complete(
             prompt=prompt,
             sampling=body.sampling(default_max_tokens=256 if kind == "chat" else 16),
             submitted_at=_now(),
-            cancel_on_disconnect=body.cancel_on_disconnect,
+            cancel_on_disconnect=body.cancels_on_disconnect,
             metadata={"api": f"openai.{kind}"} | ({"user": body.user[:512]} if body.user else {}),
         )
     except ValidationError as exc:
         raise _invalid(_first_error(exc)) from None
-    await accept(request, caller, generation)
-    events = subscribe(request.state.hub, request.state.log, generation.request_id)
     headers = {"X-Request-Id": str(generation.request_id)}
     shape = _Shape(kind, generation.request_id, body.model)
-    if body.stream:
-        usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventSourceResponse(
-            _chunks(events, shape, include_usage=usage),
-            headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            ping=request.state.server_settings.keepalive_s,
-        )
-    return await _whole(events, shape, headers)
+    if not body.stream:
+        await accept(request, caller, generation)
+        events = subscribe(request.state.hub, request.state.log, generation.request_id)
+        return await _whole(events, shape, headers)
+    # The native stream's treatment (limits, send timeout, cancel_on_disconnect),
+    # through the same helper; the stream's slot is taken before anything is
+    # submitted, so a 429 leaves nothing running.
+    release = open_stream(request, caller)
+    try:
+        await accept(request, caller, generation)
+    except BaseException:
+        release()
+        raise
+    events = subscribe(request.state.hub, request.state.log, generation.request_id)
+    usage = body.stream_options is not None and body.stream_options.include_usage
+    return stream_response(
+        request,
+        generation.request_id,
+        _chunks(events, shape, include_usage=usage),
+        release,
+        cancel_on_disconnect=body.cancels_on_disconnect,
+        headers=headers,
+    )
 
 
 class _Shape:

@@ -20,28 +20,26 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from producers.submitter import BrokerUnavailable, Submitter
-from schemas import Cancel, StreamEvent, error_to_sse, event_to_sse
+from schemas import StreamEvent, error_to_sse, event_to_sse
 from tokenbus.access import Access
 from tokenbus.http import ApiError, client_address, parse_request_id
 
 from .directory import RequestDirectory
 from .hub import StreamHub
 from .log import LogReader, LogReadTimeout
+from .streaming import open_stream, stream_response
 from .subscription import ResumedPastEnd, StreamTruncated, subscribe
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-# Proxies (nginx and friends) must pass each event on at once.
-_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Seqs are int64 on the wire (a consumer in any language reads them so).
 _MAX_SEQ = 2**63 - 1
 
@@ -107,29 +105,18 @@ async def stream_events(
     known = await directory.owned(rid, caller)
     if not await check_resume_point(request.state.hub, request.state.log, rid, resume_after):
         return Response(status_code=204)  # complete: an EventSource stops reconnecting
-    release = access.open_stream(caller)  # a 429 comes here, before the response starts
-    settings = request.state.server_settings
-    frames = _frames(request, rid, resume_after, pace, known.cancel_on_disconnect)
-    return EventSourceResponse(
-        _released(frames, release),
-        ping=settings.keepalive_s,
-        send_timeout=settings.send_timeout_s,
-        headers=_STREAM_HEADERS,
+    release = open_stream(request, caller)  # a 429 comes here, before the response starts
+    return stream_response(
+        request,
+        rid,
+        _frames(request, rid, resume_after, pace),
+        release,
+        cancel_on_disconnect=known.cancel_on_disconnect,
     )
 
 
-async def _released(
-    frames: AsyncIterator[ServerSentEvent], release: Callable[[], None]
-) -> AsyncIterator[ServerSentEvent]:
-    try:
-        async for frame in frames:
-            yield frame
-    finally:
-        release()
-
-
 async def _frames(
-    request: Request, rid: uuid.UUID, after: int, pace: str, cancel_on_disconnect: bool
+    request: Request, rid: uuid.UUID, after: int, pace: str
 ) -> AsyncIterator[ServerSentEvent]:
     state = request.state
     hub: StreamHub = state.hub
@@ -140,23 +127,16 @@ async def _frames(
     # subscriber connected, at the live pace. A replay's old events would add their
     # age, and delays paced on purpose, to the figure.
     connected = datetime.now(UTC) if pace == "fast" else None
-    finished = False
     try:
         async for event in events:
             yield event_to_sse(event)
             # Resumed by sse-starlette once the frame has been sent.
             if connected is not None and event.ts >= connected:
                 hub.delivery_delay.observe((datetime.now(UTC) - event.ts).total_seconds())
-        finished = True
     except StreamTruncated as exc:
-        finished = True
         yield error_to_sse("stream_truncated", str(exc))
     except ResumedPastEnd as exc:  # it ended between the check and the subscription
-        finished = True
         yield error_to_sse("after_end_of_stream", str(exc))
-    finally:
-        if not finished and cancel_on_disconnect:
-            _cancel_in_background(state.submitter, rid, state.background)
 
 
 async def _original_pace(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
@@ -172,22 +152,3 @@ async def _original_pace(events: AsyncIterator[StreamEvent]) -> AsyncIterator[St
             if delay > 0:
                 await asyncio.sleep(delay)  # the recorded gap: pacing is the point here
         yield event
-
-
-def _cancel_in_background(
-    submitter: Submitter, rid: uuid.UUID, background: set[asyncio.Task[None]]
-) -> None:
-    """The subscriber is gone (its task is being cancelled), so the Cancel is sent
-    from a task of its own."""
-
-    async def cancel() -> None:
-        try:
-            await submitter.cancel(
-                Cancel(request_id=rid, reason="client disconnected", ts=datetime.now(UTC))
-            )
-        except BrokerUnavailable:
-            log.warning("could not cancel %s after its client disconnected", rid)
-
-    task = asyncio.get_running_loop().create_task(cancel())
-    background.add(task)
-    task.add_done_callback(background.discard)
