@@ -193,3 +193,14 @@ def test_serve_with_an_empty_keys_file_on_all_interfaces_exits_with_a_reason(
     assert result.returncode != 0
     assert "TOKENBUS_API_KEYS_FILE" in result.stderr and "holds no API keys" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_relay_metrics_need_a_key_when_keys_are_configured(kafka: KafkaSettings) -> None:
+    async with relay(kafka) as (_, http):
+        assert (await http.get("/metrics")).status_code == 401
+        assert (await http.get("/metrics", headers=ACME)).status_code == 200
+    async with relay(kafka, metrics_key="scrape-me") as (_, http):
+        assert (await http.get("/metrics")).status_code == 401
+        assert (await http.get("/metrics", headers=ACME)).status_code == 401  # only its key
+        scraped = await http.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+        assert scraped.status_code == 200 and "tokenbus_relay_subscribers" in scraped.text

@@ -68,6 +68,8 @@ class Access:
         secret = settings.stream_token_secret
         self._secret = secret.get_secret_value().encode() if secret else secrets.token_bytes(32)
         self._token_ttl_s = settings.stream_token_ttl_s
+        key = settings.metrics_key
+        self._metrics_key = key.get_secret_value().encode() if key else None
         self._submissions = _RateLimiter(settings.tenant_requests_per_minute, per_s=60.0)
         self._streams_per_tenant = _Gauge(settings.tenant_max_streams, "open streams for tenant")
         self._streams_per_client = _Gauge(
@@ -89,6 +91,21 @@ class Access:
                 {"WWW-Authenticate": "Bearer"},
             )  # fmt: skip
         return Caller(tenant, client)
+
+    def authorize_metrics(self, authorization: str | None, client: str) -> None:
+        """``/metrics`` is for the operator: with a metrics key only that key reads it;
+        without one, any valid API key does (and none is needed only without keys)."""
+        if self._metrics_key is None:
+            self.authenticate(authorization, client)
+            return
+        scheme, _, key = (authorization or "").partition(" ")
+        given = key.strip().encode() if scheme.lower() == "bearer" else b""
+        if not hmac.compare_digest(given, self._metrics_key):
+            raise ApiError(
+                401, "unauthorized",
+                "send the metrics key (TOKENBUS_METRICS_KEY) as 'Authorization: Bearer <key>'",
+                {"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
 
     # -- stream tokens ---------------------------------------------------------------
 

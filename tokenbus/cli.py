@@ -268,8 +268,9 @@ def _worker(args: argparse.Namespace) -> int:
     if settings.worker_metrics_port is not None:
         from workers.metrics import serve_metrics
 
-        serve_metrics(worker.engine.scheduler, settings.worker_metrics_port)
-        log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+        host, port = settings.worker_metrics_host, settings.worker_metrics_port
+        serve_metrics(worker.engine.scheduler, port, host)
+        log.info("worker metrics on http://%s:%d/metrics", host, port)
     asyncio.run(_run_worker(worker, settings))
     return 0
 
@@ -332,7 +333,7 @@ def _audit_run(args: argparse.Namespace) -> int:
         key=signing_key(settings),
     )
     if settings.metrics_port is not None:
-        serve_metrics(consumer.stats, settings.metrics_port)
+        serve_metrics(consumer.stats, settings.metrics_port, settings.metrics_host)
     asyncio.run(_until_interrupted(consumer.run()))
     return 0
 

@@ -30,7 +30,7 @@ from relay.routes import router as relay_router
 from . import __version__
 from .access import Access
 from .edge import BodyLimits
-from .http import error_response, install_error_handlers
+from .http import client_address, error_response, install_error_handlers
 from .settings import KafkaSettings, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
+        access.authorize_metrics(request.headers.get("authorization"), client_address(request))
         return Response(generate_latest(request.state.registry), media_type="text/plain")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -77,6 +77,9 @@ class ServerSettings(_Settings):
     tenant_requests_per_minute: int = Field(default=600, ge=1)
     tenant_max_streams: int = Field(default=256, ge=1, description="open SSE streams per tenant")
     max_connections_per_client: int = Field(default=64, ge=1, description="open streams per IP")
+    # /metrics: with this set, only `Authorization: Bearer <metrics_key>` reads it;
+    # unset, any valid API key does (none is needed only when there are no keys).
+    metrics_key: SecretStr | None = Field(default=None, description="the key /metrics asks for")
 
     # What a client may take before the app sees its request (tokenbus.edge).
     max_body_bytes: int = Field(
@@ -122,6 +125,9 @@ class WorkerSettings(_Settings):
     worker_metrics_port: int | None = Field(
         default=None, description="serve the worker's Prometheus metrics here"
     )
+    worker_metrics_host: str = Field(
+        default="127.0.0.1", description="the address of those metrics; loopback unless set"
+    )
     ready_fd: int | None = Field(
         default=None,
         description="a pipe to write 'ready' to once serving (`tokenbus up` passes one)",
@@ -157,6 +163,9 @@ class AuditSettings(_Settings):
     max_batch: int = Field(default=5_000, ge=1, description="records per fetch and transaction")
     state_cache: int = Field(default=100_000, ge=1, description="streams' state kept in memory")
     metrics_port: int | None = Field(default=None, description="serve Prometheus metrics here")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="the address of those metrics; loopback unless set"
+    )
 
 
 class AnalyticsSettings(_Settings):
