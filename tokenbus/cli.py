@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .children import die_with_parent
@@ -359,21 +359,49 @@ async def _until_interrupted(service: Coroutine[Any, Any, None]) -> None:
 
 @_audit_command
 def _audit_verify(args: argparse.Namespace) -> int:
+    from aiokafka.errors import KafkaError
+
     from consumers.audit import open_store, verify, verifying_key
+    from consumers.audit.witness import compare, default_store_id, published
 
     settings = _audit_settings(args)
     with open_store(settings.store, create=False) as store:
         key, source = verifying_key(settings)
-        report = verify(store, key)
+        # Checkpoints come every TOKENBUS_AUDIT_CHECKPOINT_EVERY_S: records older than
+        # a few intervals that none covers had theirs deleted.
+        stale = datetime.now(UTC) - timedelta(seconds=3 * settings.checkpoint_every_s + 60)
+        report = verify(store, key, stale_before=stale)
+        held = store.checkpoints()
+    # The store alone cannot show that its history was rewritten and every checkpoint
+    # deleted: the witness topic and a checkpoint noted elsewhere can.
+    witnessed = []
+    if args.witness:
+        store_id = settings.store_id or default_store_id(key.public_bytes_raw())
+        try:
+            witnessed = asyncio.run(asyncio.wait_for(published(KafkaSettings(), store_id), 60))
+        except (KafkaError, TimeoutError) as exc:
+            print(f"tokenbus audit: cannot read the witness topic: {exc}", file=sys.stderr)
+            return 2
+    report.findings += compare(held, witnessed, key, args.expect_checkpoint)
     for finding in report.findings:
         print(f"TAMPERED {finding}")
+    witness = f"; {len(witnessed)} checkpoints published to the witness" if args.witness else ""
     print(
         f"{'FAILED' if report.findings else 'OK'}: {report.requests} requests, "
         f"{report.records} records, {report.checkpoints} checkpoints checked with the public key "
-        f"{source}; {report.uncovered} records after the last checkpoint",
+        f"{source}; {report.uncovered} records after the last checkpoint{witness}",
         file=sys.stderr,
     )
     return 1 if report.findings else 0
+
+
+def _checkpoint_ref(text: str) -> tuple[int, bytes]:
+    """``N:HASH``: a checkpoint's number and its hash (hex), as the consumer logs them."""
+    number, _, digest = text.partition(":")
+    try:
+        return int(number), bytes.fromhex(digest)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N:HASH (a number, a hex hash)") from None
 
 
 @_audit_command
@@ -566,6 +594,11 @@ def _parser() -> argparse.ArgumentParser:
     audit_run.set_defaults(run=_audit_run)
     verify = audits.add_parser("verify", help="check every chain and checkpoint; 1 if tampered")
     verify.add_argument("--public-key", help="hex or base64 [TOKENBUS_AUDIT_PUBLIC_KEY]")
+    verify.add_argument("--witness", action="store_true",
+                        help="also compare with the checkpoints published to "
+                             "tokenbus.audit-checkpoints (KAFKA_BOOTSTRAP_SERVERS)")  # fmt: skip
+    verify.add_argument("--expect-checkpoint", type=_checkpoint_ref, metavar="N:HASH",
+                        help="a checkpoint the store must hold, as noted elsewhere")  # fmt: skip
     verify.set_defaults(run=_audit_verify)
     show = audits.add_parser("show", help="one request: prompt, model, workers, text, timings")
     show.add_argument("request_id", type=uuid.UUID)

@@ -162,6 +162,10 @@ class AuditSettings(_Settings):
     checkpoint_every_s: float = Field(default=60.0, gt=0)
     max_batch: int = Field(default=5_000, ge=1, description="records per fetch and transaction")
     state_cache: int = Field(default=100_000, ge=1, description="streams' state kept in memory")
+    store_id: str | None = Field(
+        default=None,
+        description="the key its checkpoints are published under; default: the public key (hex)",
+    )
     metrics_port: int | None = Field(default=None, description="serve Prometheus metrics here")
     metrics_host: str = Field(
         default="127.0.0.1", description="the address of those metrics; loopback unless set"
