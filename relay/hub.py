@@ -23,14 +23,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Histogram
 
-from schemas import (
-    MalformedMessage,
-    StartedEvent,
-    StreamEvent,
-    StreamView,
-    decode_event,
-    is_terminal,
-)
+from schemas import MalformedMessage, StartedEvent, StreamEvent, StreamView, decode_event
 from tokenbus.kafka import new_consumer
 from tokenbus.settings import KafkaSettings, ServerSettings
 
@@ -118,12 +111,10 @@ class StreamHub:
         stream = self._streams.get(request_id)
         return stream is not None and bool(stream.events)
 
-    def finished_at(self, request_id: uuid.UUID) -> int | None:
-        """The seq of the stream's terminal event, if this hub holds it."""
+    def last_held(self, request_id: uuid.UUID) -> StreamEvent | None:
+        """The latest event this hub holds of the stream (its end, once terminal)."""
         stream = self._streams.get(request_id)
-        if stream is None or not stream.events or not is_terminal(stream.events[-1]):
-            return None
-        return stream.events[-1].seq
+        return stream.events[-1] if stream is not None and stream.events else None
 
     @contextmanager
     def listen(self, request_id: uuid.UUID) -> Iterator[Listener]:

@@ -27,7 +27,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from schemas import StreamEvent, error_to_sse, event_to_sse
+from schemas import StreamEvent, error_to_sse, event_to_sse, is_terminal
 from tokenbus.access import Access
 from tokenbus.http import ApiError, client_address, parse_request_id
 
@@ -70,7 +70,8 @@ async def check_resume_point(
     the hub or the log know) may still reach any seq."""
     if after < 0:
         return True
-    end = hub.finished_at(rid)
+    last = hub.last_held(rid)
+    end = last.seq if last is not None and is_terminal(last) else None
     if end is None and not hub.holds(rid):
         try:
             end = await log_reader.finished_at(rid)
