@@ -122,8 +122,12 @@ async def published(kafka: KafkaSettings, store_id: str) -> list[Checkpoint]:
     consumer = new_consumer(kafka, fetch_max_wait_ms=50)
     await consumer.start()
     try:
-        await consumer.topics()
-        ids = consumer.partitions_for_topic(topic) or set()
+        ids = consumer.partitions_for_topic(topic)
+        if not ids:
+            # A fresh client tracks no topic on Apache Kafka (Tansu sends them all):
+            # tracking this one fetches its metadata.
+            await consumer._client.add_topic(topic)
+            ids = consumer.partitions_for_topic(topic)
         if not ids:
             raise KafkaError(f"topic {topic!r} does not exist")
         partitions = [TopicPartition(topic, p) for p in sorted(ids)]
