@@ -18,7 +18,7 @@ from relay.directory import RequestDirectory
 from schemas import Cancel, GenerationRequest, PromptInput, SamplingParams, uuid7
 from schemas.requests import ANY_MODEL, ModelName, check_metadata
 from tokenbus.access import Access, Caller
-from tokenbus.http import ApiError, client_address, parse_request_id
+from tokenbus.http import ApiError, client_address, json_body, parse_request_id
 
 from .submitter import BrokerUnavailable, Submitter
 
@@ -27,7 +27,10 @@ router = APIRouter()
 
 class SubmitBody(PromptInput, SamplingParams):
     """The body of ``POST /v1/requests``: a prompt or chat, OpenAI-style sampling
-    parameters, and optional deadline, metadata and cancel_on_disconnect."""
+    parameters, and optional deadline, metadata and cancel_on_disconnect.
+
+    Read with strict JSON validation (`json_body`): ``"max_tokens": "10"`` is refused,
+    and ``deadline`` is an ISO 8601 string with a zone, never a number."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -81,10 +84,10 @@ async def accept(request: Request, caller: Caller, generation: GenerationRequest
 
 @router.post("/v1/requests", status_code=202)
 async def submit_request(
-    body: SubmitBody,
     request: Request,
     response: Response,
     caller: Annotated[Caller, Depends(caller)],
+    body: Annotated[SubmitBody, Depends(json_body(SubmitBody))],
 ) -> dict[str, Any]:
     generation = body.to_request(uuid7(), tenant=caller.tenant)
     await accept(request, caller, generation)

@@ -89,7 +89,9 @@ class TokenbusClient:
         """Events after seq ``after``, reconnecting where the last one left off.
         ``pace="original"`` replays a finished stream with its recorded timing.
 
-        Raises `StreamTruncated` if the log no longer holds the events asked for.
+        Yields nothing if the stream finished at ``after``; raises `TokenbusError`
+        (416 ``after_end_of_stream``) if it finished before, and `StreamTruncated`
+        if the log no longer holds the events asked for.
         """
         last = after
         failures = 0
@@ -104,6 +106,8 @@ class TokenbusClient:
                     if source.response.is_error:
                         await source.response.aread()
                         _raise_for_error(source.response)
+                    if source.response.status_code == 204:
+                        return  # the stream ended at `last`: nothing is left to send
                     async for message in source.aiter_sse():
                         if not message.data:
                             continue  # a keep-alive comment

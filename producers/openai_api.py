@@ -18,11 +18,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from relay.streaming import open_stream, stream_response
 from relay.subscription import subscribe
 from schemas import (
     ErrorCode,
@@ -36,9 +37,9 @@ from schemas import (
     TokenEvent,
     uuid7,
 )
-from schemas.requests import ANY_MODEL, ChatMessage
+from schemas.requests import ANY_MODEL, MAX_PROMPT_CHARS, ChatMessage
 from tokenbus.access import Caller
-from tokenbus.http import ApiError
+from tokenbus.http import ApiError, json_body
 
 from .api import accept, caller
 
@@ -76,11 +77,23 @@ class _OpenAIBody(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    cancel_on_disconnect: bool = False  # an extension
+    # An extension. Unset: a streaming request is cancelled when its client closes
+    # the connection (as vLLM does: nobody is left to read it), a whole one is not.
+    cancel_on_disconnect: bool | None = None
+
+    @property
+    def cancels_on_disconnect(self) -> bool:
+        return self.stream if self.cancel_on_disconnect is None else self.cancel_on_disconnect
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
+        # Zero is a value, not an absence: 0 goes on to be refused, as the native
+        # API refuses it, rather than replaced by the default.
+        max_tokens = next(
+            (n for n in (self.max_completion_tokens, self.max_tokens) if n is not None),
+            default_max_tokens,
+        )
         given: dict[str, Any] = {
-            "max_tokens": self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            "max_tokens": max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,
@@ -100,12 +113,12 @@ class _OpenAIBody(BaseModel):
 
 class _ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 
 class _ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[_ContentPart]
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | list[_ContentPart]
 
     def plain(self) -> ChatMessage:
         text = (
@@ -132,14 +145,23 @@ class CompletionBody(_OpenAIBody):
         return self.prompt[0]
 
 
+# OpenAI answers bad input 400 with the first problem; read strictly (`json_body`).
+_chat_body = json_body(ChatCompletionBody, status=400, first_only=True)
+_completion_body = json_body(CompletionBody, status=400, first_only=True)
+
+
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
     request: Request,
     caller: Annotated[Caller, Depends(caller)],
-    raw: Annotated[dict[str, Any], Body()],
+    body: Annotated[ChatCompletionBody, Depends(_chat_body)],
 ) -> JSONResponse | EventSourceResponse:
-    body = _parse(ChatCompletionBody, raw)
-    messages = [m.plain() for m in body.messages]
+    messages = []
+    for i, message in enumerate(body.messages):
+        try:
+            messages.append(message.plain())
+        except ValidationError as exc:  # joined parts longer than a message may be
+            raise _invalid(f"messages.{i}.{_first_error(exc)}", param=f"messages.{i}") from None
     return await _complete(request, caller, body, "chat", messages=messages, prompt=None)
 
 
@@ -147,9 +169,8 @@ async def chat_completions(
 async def completions(
     request: Request,
     caller: Annotated[Caller, Depends(caller)],
-    raw: Annotated[dict[str, Any], Body()],
+    body: Annotated[CompletionBody, Depends(_completion_body)],
 ) -> JSONResponse | EventSourceResponse:
-    body = _parse(CompletionBody, raw)
     if body.echo:
         raise _invalid("echo is not supported", param="echo")
     return await _complete(request, caller, body, "text", messages=None, prompt=body.text())
@@ -183,23 +204,36 @@ async def _complete(
             prompt=prompt,
             sampling=body.sampling(default_max_tokens=256 if kind == "chat" else 16),
             submitted_at=_now(),
-            cancel_on_disconnect=body.cancel_on_disconnect,
+            cancel_on_disconnect=body.cancels_on_disconnect,
             metadata={"api": f"openai.{kind}"} | ({"user": body.user[:512]} if body.user else {}),
         )
     except ValidationError as exc:
         raise _invalid(_first_error(exc)) from None
-    await accept(request, caller, generation)
-    events = subscribe(request.state.hub, request.state.log, generation.request_id)
     headers = {"X-Request-Id": str(generation.request_id)}
     shape = _Shape(kind, generation.request_id, body.model)
-    if body.stream:
-        usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventSourceResponse(
-            _chunks(events, shape, include_usage=usage),
-            headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            ping=request.state.server_settings.keepalive_s,
-        )
-    return await _whole(events, shape, headers)
+    if not body.stream:
+        await accept(request, caller, generation)
+        events = subscribe(request.state.hub, request.state.log, generation.request_id)
+        return await _whole(events, shape, headers)
+    # The native stream's treatment (limits, send timeout, cancel_on_disconnect),
+    # through the same helper; the stream's slot is taken before anything is
+    # submitted, so a 429 leaves nothing running.
+    release = open_stream(request, caller)
+    try:
+        await accept(request, caller, generation)
+    except BaseException:
+        release()
+        raise
+    events = subscribe(request.state.hub, request.state.log, generation.request_id)
+    usage = body.stream_options is not None and body.stream_options.include_usage
+    return stream_response(
+        request,
+        generation.request_id,
+        _chunks(events, shape, include_usage=usage),
+        release,
+        cancel_on_disconnect=body.cancels_on_disconnect,
+        headers=headers,
+    )
 
 
 class _Shape:
@@ -296,13 +330,6 @@ def _error_body(failed: FailedEvent) -> tuple[int, dict[str, Any]]:
 
 def _data(payload: dict[str, Any]) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(payload, separators=(",", ":")))
-
-
-def _parse(model: type[_OpenAIBody], raw: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        raise _invalid(_first_error(exc)) from None
 
 
 def _first_error(exc: ValidationError) -> str:

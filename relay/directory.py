@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from schemas import GenerationRequest
 from tokenbus.access import Access, Caller
 from tokenbus.http import ApiError
 
-from .log import LogReader, LogReadTimeout
+from .log import LogReader, LogReadTimeout, Submitted
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,28 +42,48 @@ class RequestDirectory:
 
     async def lookup(self, request_id: uuid.UUID) -> KnownRequest | None:
         """The request, or None if nothing was submitted under this id."""
+        known, _ = await self._lookup(request_id)
+        return known
+
+    async def _lookup(
+        self, request_id: uuid.UUID, *, stop: Callable[[Submitted], bool] = lambda _: True
+    ) -> tuple[KnownRequest | None, bool]:
+        """The request (or None), and whether the log was read for it."""
         known = self._known.get(request_id)
         if known is not None:
             self._known.move_to_end(request_id)
-            return known
-        submitted = await self._log.find_request(request_id)
+            return known, False
+        submitted = await self._log.find_request(request_id, stop=stop)
         if submitted is None:
-            return None
+            return None, True
         if submitted.request is None:
             known = KnownRequest(request_id, tenant=None)
         else:
             known = KnownRequest.of(submitted.request)
         self._put(known)
-        return known
+        return known, True
 
     async def owned(self, request_id: uuid.UUID, caller: Caller) -> KnownRequest:
         """The request, if it exists and is the caller's; else 404. A request of another
-        tenant looks exactly like a missing one, so nothing about it leaks."""
+        tenant looks exactly like a missing one, so nothing about it leaks: not the
+        answer, and not the time it takes. Every 404 has read the log to its end, as
+        the search for an id never submitted does; a request remembered here (a
+        cache hit, milliseconds) would otherwise tell that the id exists."""
+        anonymous = self._access.anonymous
+
+        def mine(submitted: Submitted) -> bool:  # the owner's read may end once found
+            request = submitted.request
+            return anonymous or (request is not None and request.tenant == caller.tenant)
+
         try:
-            known = await self.lookup(request_id)
+            known, read = await self._lookup(request_id, stop=mine)
+            if known is not None and known.tenant != caller.tenant and not anonymous:
+                if not read:  # remembered: read the log anyway, to its end
+                    await self._log.find_request(request_id, stop=lambda _: False)
+                known = None
         except LogReadTimeout as exc:
             raise ApiError(503, "log_unavailable", str(exc), {"Retry-After": "5"}) from exc
-        if known is None or (known.tenant != caller.tenant and not self._access.anonymous):
+        if known is None:
             raise ApiError(404, "unknown_request", f"no request {request_id} was submitted (or "
                            "it has left the log's retention window)")  # fmt: skip
         return known

@@ -111,6 +111,11 @@ class StreamHub:
         stream = self._streams.get(request_id)
         return stream is not None and bool(stream.events)
 
+    def last_held(self, request_id: uuid.UUID) -> StreamEvent | None:
+        """The latest event this hub holds of the stream (its end, once terminal)."""
+        stream = self._streams.get(request_id)
+        return stream.events[-1] if stream is not None and stream.events else None
+
     @contextmanager
     def listen(self, request_id: uuid.UUID) -> Iterator[Listener]:
         """Register for a request's live events. The backlog and the queue are taken

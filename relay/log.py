@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -29,6 +29,7 @@ from schemas import (
     StreamView,
     decode_event,
     decode_request,
+    is_terminal,
     message_key,
     partition_for,
     uuid7_unix_ms,
@@ -63,23 +64,39 @@ class LogReader:
         self._skew_ms = clock_skew_ms
         self._timeout_s = timeout_s
 
-    async def find_request(self, request_id: uuid.UUID) -> Submitted | None:
-        """What was submitted under this id, or None if nothing was."""
+    async def find_request(
+        self, request_id: uuid.UUID, *, stop: Callable[[Submitted], bool] = lambda _: True
+    ) -> Submitted | None:
+        """What was submitted under this id, or None if nothing was. Once found, the
+        read ends if ``stop`` says so, else it goes on to the end of the log, as a
+        search for an id never submitted does: the two then take the same time."""
         if uuid7_unix_ms(request_id) > time.time() * 1000 + self._skew_ms:
             return None  # minted in the future: nobody submitted it
+        found: Submitted | None = None
         scan = self._scan(self._kafka.topics.requests, request_id, until_end=True)
         async with aclosing(scan) as records:
             async for record in records:
-                try:
-                    return Submitted(decode_request(record.value))
-                except MalformedMessage:
-                    # Its stream holds the `failed` event that answered it.
-                    return Submitted(None)
+                if found is None:
+                    try:
+                        found = Submitted(decode_request(record.value))
+                    except MalformedMessage:
+                        # Its stream holds the `failed` event that answered it.
+                        found = Submitted(None)
+                if stop(found):
+                    break
+        return found
+
+    async def finished_at(self, request_id: uuid.UUID) -> int | None:
+        """The seq of the stream's terminal event, if the log holds it by now."""
+        async with aclosing(self.events(request_id, from_seq=0)) as events:
+            async for event in events:
+                if is_terminal(event):
+                    return event.seq
         return None
 
     async def events(
         self, request_id: uuid.UUID, *, from_seq: int, before_seq: int | None = None
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         """The request's events with ``from_seq <= seq``, in order.
 
         With ``before_seq`` the read ends once ``before_seq - 1`` is reached (those

@@ -6,6 +6,12 @@ Resume with ``Last-Event-ID: N`` or ``?after=N`` (the stream continues at N+1).
 ``?pace=original`` replays a stream with its recorded timing. Keep-alive comments
 flow while nothing else does; the response ends after the terminal event, or
 after an ``event: error`` when the log no longer holds what was asked for.
+
+Nothing waits for a seq that cannot come: resuming a finished stream at its
+terminal seq answers 204 at once (an EventSource stops reconnecting on it), and
+past it 416 ``after_end_of_stream``, saying where the stream ended. Only a
+finished stream's end is known; on a live one a high seq may still come, and is
+waited for.
 """
 
 from __future__ import annotations
@@ -14,27 +20,28 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from producers.submitter import BrokerUnavailable, Submitter
-from schemas import Cancel, StreamEvent, error_to_sse, event_to_sse
+from schemas import StreamEvent, error_to_sse, event_to_sse, is_terminal
 from tokenbus.access import Access
 from tokenbus.http import ApiError, client_address, parse_request_id
 
 from .directory import RequestDirectory
 from .hub import StreamHub
-from .subscription import StreamTruncated, subscribe
+from .log import LogReader, LogReadTimeout
+from .streaming import open_stream, stream_response
+from .subscription import ResumedPastEnd, StreamTruncated, subscribe
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-# Proxies (nginx and friends) must pass each event on at once.
-_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Seqs are int64 on the wire (a consumer in any language reads them so).
+_MAX_SEQ = 2**63 - 1
 
 
 def resume_point(after: int | None, last_event_id: str | None) -> int:
@@ -47,10 +54,34 @@ def resume_point(after: int | None, last_event_id: str | None) -> int:
                 400, "invalid_last_event_id",
                 f"Last-Event-ID {last_event_id!r} is not a seq (an integer >= 0)",
             ) from None  # fmt: skip
-        if value < 0:
-            raise ApiError(400, "invalid_last_event_id", "Last-Event-ID must be >= 0")
+        if not 0 <= value <= _MAX_SEQ:
+            raise ApiError(400, "invalid_last_event_id", f"Last-Event-ID must be 0..{_MAX_SEQ}")
         return value
+    if after is not None and after > _MAX_SEQ:
+        raise ApiError(400, "invalid_after", f"after must be -1..{_MAX_SEQ}", param="after")
     return -1 if after is None else after
+
+
+async def check_resume_point(
+    hub: StreamHub, log_reader: LogReader, rid: uuid.UUID, after: int
+) -> bool:
+    """Whether there is anything left after seq ``after``: False when the stream
+    finished at ``after`` (204); 416 past its end. A stream not finished (as far as
+    the hub or the log know) may still reach any seq."""
+    if after < 0:
+        return True
+    last = hub.last_held(rid)
+    end = last.seq if last is not None and is_terminal(last) else None
+    if end is None and not hub.holds(rid):
+        try:
+            end = await log_reader.finished_at(rid)
+        except LogReadTimeout as exc:
+            raise ApiError(503, "log_unavailable", str(exc), {"Retry-After": "5"}) from exc
+    if end is None or after < end:
+        return True
+    if after == end:
+        return False
+    raise ApiError(416, "after_end_of_stream", str(ResumedPastEnd(rid, after, end)))
 
 
 @router.get("/v1/requests/{request_id}/events", response_model=None)
@@ -62,7 +93,7 @@ async def stream_events(
     token: Annotated[str | None, Query(description="stream token from the submission")] = None,
     last_event_id: Annotated[str | None, Header()] = None,
     authorization: Annotated[str | None, Header()] = None,
-) -> EventSourceResponse:
+) -> EventSourceResponse | Response:
     rid = parse_request_id(request_id)
     resume_after = resume_point(after, last_event_id)
     access: Access = request.state.access
@@ -73,29 +104,20 @@ async def stream_events(
         caller = access.authenticate(authorization, client)
     directory: RequestDirectory = request.state.directory
     known = await directory.owned(rid, caller)
-    release = access.open_stream(caller)  # a 429 comes here, before the response starts
-    settings = request.state.server_settings
-    frames = _frames(request, rid, resume_after, pace, known.cancel_on_disconnect)
-    return EventSourceResponse(
-        _released(frames, release),
-        ping=settings.keepalive_s,
-        send_timeout=settings.send_timeout_s,
-        headers=_STREAM_HEADERS,
+    if not await check_resume_point(request.state.hub, request.state.log, rid, resume_after):
+        return Response(status_code=204)  # complete: an EventSource stops reconnecting
+    release = open_stream(request, caller)  # a 429 comes here, before the response starts
+    return stream_response(
+        request,
+        rid,
+        _frames(request, rid, resume_after, pace),
+        release,
+        cancel_on_disconnect=known.cancel_on_disconnect,
     )
 
 
-async def _released(
-    frames: AsyncIterator[ServerSentEvent], release: Callable[[], None]
-) -> AsyncIterator[ServerSentEvent]:
-    try:
-        async for frame in frames:
-            yield frame
-    finally:
-        release()
-
-
 async def _frames(
-    request: Request, rid: uuid.UUID, after: int, pace: str, cancel_on_disconnect: bool
+    request: Request, rid: uuid.UUID, after: int, pace: str
 ) -> AsyncIterator[ServerSentEvent]:
     state = request.state
     hub: StreamHub = state.hub
@@ -106,20 +128,16 @@ async def _frames(
     # subscriber connected, at the live pace. A replay's old events would add their
     # age, and delays paced on purpose, to the figure.
     connected = datetime.now(UTC) if pace == "fast" else None
-    finished = False
     try:
         async for event in events:
             yield event_to_sse(event)
             # Resumed by sse-starlette once the frame has been sent.
             if connected is not None and event.ts >= connected:
                 hub.delivery_delay.observe((datetime.now(UTC) - event.ts).total_seconds())
-        finished = True
     except StreamTruncated as exc:
-        finished = True
         yield error_to_sse("stream_truncated", str(exc))
-    finally:
-        if not finished and cancel_on_disconnect:
-            _cancel_in_background(state.submitter, rid, state.background)
+    except ResumedPastEnd as exc:  # it ended between the check and the subscription
+        yield error_to_sse("after_end_of_stream", str(exc))
 
 
 async def _original_pace(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
@@ -135,22 +153,3 @@ async def _original_pace(events: AsyncIterator[StreamEvent]) -> AsyncIterator[St
             if delay > 0:
                 await asyncio.sleep(delay)  # the recorded gap: pacing is the point here
         yield event
-
-
-def _cancel_in_background(
-    submitter: Submitter, rid: uuid.UUID, background: set[asyncio.Task[None]]
-) -> None:
-    """The subscriber is gone (its task is being cancelled), so the Cancel is sent
-    from a task of its own."""
-
-    async def cancel() -> None:
-        try:
-            await submitter.cancel(
-                Cancel(request_id=rid, reason="client disconnected", ts=datetime.now(UTC))
-            )
-        except BrokerUnavailable:
-            log.warning("could not cancel %s after its client disconnected", rid)
-
-    task = asyncio.get_running_loop().create_task(cancel())
-    background.add(task)
-    task.add_done_callback(background.discard)

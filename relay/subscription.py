@@ -38,8 +38,20 @@ class StreamTruncated(Exception):
         )
 
 
+class ResumedPastEnd(Exception):
+    """Asked for events after ``after`` of a stream that ended at ``end`` < ``after``."""
+
+    def __init__(self, request_id: uuid.UUID, after: int, end: int) -> None:
+        super().__init__(
+            f"request {request_id} ended at seq {end}; there is nothing after seq {after} "
+            f"(resume after a seq up to {end})"
+        )
+        self.end = end
+
+
 class _Cursor:
-    def __init__(self, after: int) -> None:
+    def __init__(self, request_id: uuid.UUID, after: int) -> None:
+        self.request_id = request_id
         self.next_seq = after + 1
         self.done = False
 
@@ -47,16 +59,27 @@ class _Cursor:
         # Each source (the hub, the log) already applied the fencing rule in log
         # order; here only the seq decides.
         if self.done or event.seq != self.next_seq:
+            if not self.done and is_terminal(event) and event.seq < self.next_seq:
+                self._ended_before(event.seq)
             return False
         self.next_seq += 1
         self.done = is_terminal(event)
         return True
 
+    def _ended_before(self, end: int) -> None:
+        """The stream ended at or before where this subscriber asked to start: no seq
+        it waits for can come. (The route answers this before the response starts;
+        this covers a stream that ended in between.)"""
+        if end == self.next_seq - 1:
+            self.done = True  # resumed at the terminal event: complete, nothing to send
+        else:
+            raise ResumedPastEnd(self.request_id, self.next_seq - 1, end)
+
 
 async def subscribe(
     hub: StreamHub, log: LogReader, request_id: uuid.UUID, *, after: int = -1
 ) -> AsyncIterator[StreamEvent]:
-    cursor = _Cursor(after)
+    cursor = _Cursor(request_id, after)
     while not cursor.done:
         with hub.listen(request_id) as listener:
             try:
@@ -84,8 +107,8 @@ async def _follow(
     for event in held:
         if cursor.accept(event):
             yield event
-            if cursor.done:
-                return
+        if cursor.done:
+            return
     while not cursor.done:
         event = await listener.next()
         if event.seq > cursor.next_seq:

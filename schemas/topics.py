@@ -15,13 +15,16 @@ class Topics:
     control: str = "tokenbus.control"
     # Messages no worker could serve, as they were, with a `tokenbus-reason` header.
     dead_letter: str = "tokenbus.dead-letter"
+    # Each signed audit checkpoint, keyed by the audit store's id: a witness outside
+    # the store's host, for `tokenbus audit verify --witness`.
+    audit_checkpoints: str = "tokenbus.audit-checkpoints"
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:
         return cls(*(prefix + name for name in cls().all()))
 
-    def all(self) -> tuple[str, str, str, str]:
-        return (self.requests, self.tokens, self.control, self.dead_letter)
+    def all(self) -> tuple[str, str, str, str, str]:
+        return (self.requests, self.tokens, self.control, self.dead_letter, self.audit_checkpoints)
 
 
 def message_key(request_id: uuid.UUID) -> bytes:

@@ -26,6 +26,7 @@ import uvicorn
 from producers import TokenbusClient
 from schemas import StreamEvent, TokenEvent, is_terminal
 from tokenbus.broker import EmbeddedBroker
+from tokenbus.edge import server_config
 from tokenbus.kafka import ensure_topics
 from tokenbus.kafka_cluster import KafkaCluster
 from tokenbus.server import create_app
@@ -142,9 +143,7 @@ async def serving(
     """The real ASGI app under a real uvicorn on a free port."""
     settings = ServerSettings(port=free_port(), **server_overrides)  # type: ignore[arg-type]
     app = create_app(kafka=kafka, settings=settings)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning")
-    )
+    server = uvicorn.Server(server_config(app, settings, log_level="warning"))
     task = asyncio.create_task(server.serve())
     url = f"http://127.0.0.1:{settings.port}"
     try:

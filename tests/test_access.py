@@ -10,16 +10,19 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
 from schemas import decode_event
-from tokenbus.settings import KafkaSettings
+from tokenbus.access import AccessConfigError
+from tokenbus.server import create_app
+from tokenbus.settings import KafkaSettings, ServerSettings
 from workers import LoadedModel
 
-from .conftest import assert_complete, eventually, serving, working
+from .conftest import assert_complete, eventually, free_port, serving, working
 
 KEYS = {"key-acme": "acme", "key-globex": "globex"}
 SECRET = "test-stream-token-secret"
@@ -158,3 +161,46 @@ def test_without_keys_the_server_refuses_to_listen_beyond_loopback() -> None:
     )  # fmt: skip
     assert result.returncode != 0
     assert "no API keys are configured" in result.stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_a_keys_file_without_keys_is_a_startup_error(tmp_path: Path, host: str) -> None:
+    empty = tmp_path / "keys.json"
+    empty.write_text("{}")
+    with pytest.raises(AccessConfigError, match=r"TOKENBUS_API_KEYS_FILE .* holds no API keys"):
+        create_app(kafka=KafkaSettings(), settings=ServerSettings(host=host, api_keys_file=empty))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "example.com"])
+def test_the_app_itself_refuses_anonymity_beyond_loopback(host: str) -> None:
+    """Whoever builds the app (not only `tokenbus serve`) gets the rule."""
+    with pytest.raises(AccessConfigError, match="no API keys are configured"):
+        create_app(kafka=KafkaSettings(), settings=ServerSettings(host=host))
+    create_app(kafka=KafkaSettings(), settings=ServerSettings(host=host, api_keys=KEYS))
+
+
+def test_serve_with_an_empty_keys_file_on_all_interfaces_exits_with_a_reason(
+    tmp_path: Path,
+) -> None:
+    empty = tmp_path / "keys.json"
+    empty.write_text("{}")
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenbus", "serve", "--host", "0.0.0.0",
+         "--port", str(free_port())],
+        capture_output=True, text=True, timeout=30,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TOKENBUS_API_KEYS_FILE": str(empty)},
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "TOKENBUS_API_KEYS_FILE" in result.stderr and "holds no API keys" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_relay_metrics_need_a_key_when_keys_are_configured(kafka: KafkaSettings) -> None:
+    async with relay(kafka) as (_, http):
+        assert (await http.get("/metrics")).status_code == 401
+        assert (await http.get("/metrics", headers=ACME)).status_code == 200
+    async with relay(kafka, metrics_key="scrape-me") as (_, http):
+        assert (await http.get("/metrics")).status_code == 401
+        assert (await http.get("/metrics", headers=ACME)).status_code == 401  # only its key
+        scraped = await http.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+        assert scraped.status_code == 200 and "tokenbus_relay_subscribers" in scraped.text

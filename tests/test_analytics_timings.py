@@ -6,8 +6,11 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.analytics import Distribution, RequestTimings, WindowStats
+from consumers.analytics.metrics import AnalyticsMetrics
 from consumers.analytics.tracker import RequestTracker
 from schemas import (
     FailedEvent,
@@ -157,3 +160,32 @@ def test_quantiles_are_within_a_bucket_of_the_truth() -> None:
         assert truth <= estimate <= truth * 1.1 + 1e-12
     assert distribution.quantile(1.0) == max(values)
     assert Distribution().quantile(0.5) is None
+
+
+def test_model_labels_are_bounded_to_the_models_served() -> None:
+    """Three made-up model names (each failing before any worker picks it up) add no
+    series: they count as ``unknown``; the model a worker served keeps its name."""
+    metrics = AnalyticsMetrics()
+    tracker = RequestTracker(max_open=100)
+    served = uuid7()
+    summaries = [tracker.request(request(served))]
+    summaries += [tracker.event(event) for event in stream(served, [200, 300])]
+    for name in ("gpt-17", "x" * 128, "../../etc"):
+        rid = uuid7()
+        asked = GenerationRequest(request_id=rid, model=name, prompt="hi", submitted_at=at(0))
+        summaries.append(tracker.request(asked))
+        summaries.append(tracker.event(FailedEvent(
+            request_id=rid, seq=0, ts=at(50), worker="w1",
+            code=ErrorCode.UNKNOWN_MODEL, message=f"no model {name}",
+        )))  # fmt: skip
+    labels = [metrics.record(s) for s in summaries if s is not None]
+    models = {
+        sample.labels["model"]
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for sample in family.samples
+        if "model" in sample.labels
+    }
+    assert models == {"m", "unknown"}
+    failed = {"model": "unknown", "finish_reason": "failed"}
+    assert metrics.registry.get_sample_value("tokenbus_analytics_requests_total", failed) == 3
+    assert labels == ["m", "unknown", "unknown", "unknown"]  # what the windows are keyed by

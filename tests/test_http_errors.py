@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import httpx
@@ -104,3 +105,97 @@ async def test_unreachable_broker_gives_503_and_accepts_nothing() -> None:
         ready = await http.get("/readyz")
         assert ready.status_code == 503
         assert (await http.get("/healthz")).status_code == 200
+
+
+# -- every validation error is a 4xx in the documented shape (issue 13) ------------
+
+LONE_SURROGATE = '{"role": "user", "content": "\\udc00"}'  # the JSON escape, as sent
+
+
+def openai_error(resp: httpx.Response) -> dict[str, object]:
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"code", "message", "type", "param"}
+    assert error["type"] == "invalid_request_error"
+    return error  # type: ignore[no-any-return]
+
+
+async def test_oversized_or_unencodable_messages_are_4xx_on_every_endpoint(
+    http: httpx.AsyncClient,
+) -> None:
+    huge = {"role": "user", "content": "x" * 2_000_000}
+    parts = [{"type": "text", "text": "x" * 20_000}] * 2  # each part fits, together not
+    for body in ({"messages": [huge]}, {"messages": [{"role": "user", "content": parts}]}):
+        resp = await http.post("/v1/chat/completions", json=body)
+        assert "messages" in str(openai_error(resp)["message"])
+    assert (await http.post("/v1/requests", json={"messages": [huge]})).status_code == 422
+
+    raw = {"content-type": "application/json"}
+    chat = '{"messages": [' + LONE_SURROGATE + "]}"
+    openai_error(await http.post("/v1/chat/completions", content=chat, headers=raw))
+    prompt = '{"prompt": "a\\udc00b"}'
+    openai_error(await http.post("/v1/completions", content=prompt, headers=raw))
+    native = await http.post("/v1/requests", content=chat, headers=raw)
+    assert native.status_code == 422 and reason(native)
+
+
+async def openai_post(http: httpx.AsyncClient, path: str, body: object) -> httpx.Response:
+    """Only the head of the answer is awaited: a request wrongly accepted (streaming,
+    so that it answers at once though no worker runs) fails the test, never hangs it."""
+    async with asyncio.timeout(15), http.stream("POST", path, json=body) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+        return resp
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+async def test_openai_max_tokens_zero_is_refused_not_defaulted(
+    http: httpx.AsyncClient, path: str, field: str
+) -> None:
+    body = {"messages": CHAT} if "chat" in path else {"prompt": "hi"}
+    resp = await openai_post(http, path, body | {field: 0, "stream": True})
+    assert "max_tokens" in str(openai_error(resp)["message"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "mentions"),
+    [
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"max_tokens": 10.0}, "max_tokens"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"seed": "7"}, "seed"),
+        ({"deadline": 123}, "deadline"),
+        ({"deadline": 2_000_000_000}, "deadline"),
+        ({"cancel_on_disconnect": "true"}, "cancel_on_disconnect"),
+        ({"cancel_on_disconnect": 1}, "cancel_on_disconnect"),
+        ({"metadata": {"k": 1}}, "metadata"),
+    ],
+)
+async def test_wrong_types_are_refused_not_coerced(
+    http: httpx.AsyncClient, extra: dict[str, object], mentions: str
+) -> None:
+    resp = await http.post("/v1/requests", json={"messages": CHAT} | extra)
+    assert resp.status_code == 422, resp.text
+    assert mentions in reason(resp)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"max_tokens": "10"}, {"n": "1"}, {"stream": "true"}, {"temperature": "0"}, {"seed": 1.5}],
+)
+async def test_openai_wrong_types_are_refused_not_coerced(
+    http: httpx.AsyncClient, extra: dict[str, object]
+) -> None:
+    resp = await openai_post(
+        http, "/v1/chat/completions", {"messages": CHAT, "stream": True} | extra
+    )
+    assert next(iter(extra)) in str(openai_error(resp)["message"])
+
+
+async def test_strict_bodies_still_take_what_the_docs_say(http: httpx.AsyncClient) -> None:
+    ok = {"messages": CHAT, "max_tokens": 5, "temperature": 0, "top_p": 1,
+          "deadline": "2030-01-01T00:00:00+02:00", "cancel_on_disconnect": True,
+          "metadata": {"k": "v"}}  # fmt: skip
+    resp = await http.post("/v1/requests", json=ok)
+    assert resp.status_code == 202, resp.text

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 
+import httpx
 import openai
 import pytest
+from httpx_sse import aconnect_sse
 
-from .conftest import Stack, assert_complete, collect, text_of
+from schemas import FinishedEvent, FinishReason
+from tokenbus.settings import KafkaSettings
+
+from .conftest import Stack, assert_complete, collect, serving, text_of
 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
@@ -110,3 +117,54 @@ async def test_streamed_failure_raises_in_the_sdk(sdk: openai.AsyncOpenAI) -> No
         async for _ in stream:
             pass
     assert "gpt-17" in str(failed.value)
+
+
+# -- a streaming OpenAI request is served as the native stream is (issue 13) ---------
+
+LONG = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+
+
+async def _two_chunks_then_hang_up(http: httpx.AsyncClient, body: dict[str, object]) -> str:
+    seen = 0
+    async with aconnect_sse(http, "POST", "/v1/chat/completions", json=body) as source:
+        assert source.response.status_code == 200
+        request_id = source.response.headers["x-request-id"]
+        async for message in source.aiter_sse():
+            chunk = json.loads(message.data)
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                seen += 1
+                if seen == 2:
+                    break  # leaving the block closes the connection
+    return request_id
+
+
+async def test_closing_an_openai_stream_cancels_it_unless_asked_not_to(stack: Stack) -> None:
+    body = {"messages": LONG, "temperature": 0, "stream": True}
+    cancelled = await _two_chunks_then_hang_up(stack.http, body | {"max_tokens": 400})
+    events = await asyncio.wait_for(collect(stack.client, cancelled), timeout=120)
+    assert_complete(events)
+    assert isinstance(events[-1], FinishedEvent)
+    assert events[-1].finish_reason == FinishReason.CANCELLED
+    assert events[-1].usage.completion_tokens < 400
+
+    body |= {"max_tokens": 12, "cancel_on_disconnect": False}
+    kept = await _two_chunks_then_hang_up(stack.http, body)
+    events = await asyncio.wait_for(collect(stack.client, kept), timeout=120)
+    assert_complete(events)
+    assert isinstance(events[-1], FinishedEvent)
+    assert events[-1].finish_reason == FinishReason.LENGTH
+
+
+async def test_openai_streams_count_against_the_stream_limits(kafka: KafkaSettings) -> None:
+    body = {"messages": CHAT, "stream": True}
+    # No worker: the streams wait.
+    async with serving(kafka, tenant_max_streams=1) as (_, http):
+        first = http.stream("POST", "/v1/chat/completions", json=body)
+        async with first as held, http.stream("POST", "/v1/chat/completions", json=body) as second:
+            assert held.status_code == 200
+            assert second.status_code == 429 and second.headers["retry-after"]
+            await second.aread()
+            assert second.json()["error"]["code"] == "too_many_streams"
+            native = (await http.post("/v1/requests", json={"messages": CHAT})).json()
+            resp = await http.get(native["events_url"])
+            assert resp.status_code == 429  # one limit for both kinds of stream

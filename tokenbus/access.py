@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 import time
@@ -30,6 +31,20 @@ from .settings import ServerSettings
 ANONYMOUS_TENANT = "default"
 
 
+class AccessConfigError(ValueError):
+    """The access settings cannot be served as they are: a one-line reason, naming
+    the setting to change. Raised when the app is built, before it listens."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     tenant: str
@@ -42,9 +57,19 @@ class Access:
         if settings.api_keys_file is not None:
             keys |= _read_keys_file(settings.api_keys_file)
         self._keys = keys
+        # Anonymity is decided by the keys loaded, not by whether a keys file was
+        # named: a file that yields no keys would otherwise turn authentication off.
+        if not keys and not is_loopback(settings.host):
+            raise AccessConfigError(
+                f"no API keys are configured, so it will not listen on {settings.host}. "
+                'Set TOKENBUS_API_KEYS=\'{"<key>": "<tenant>"}\' (or TOKENBUS_API_KEYS_FILE), '
+                "or listen on 127.0.0.1 (TOKENBUS_HOST)."
+            )
         secret = settings.stream_token_secret
         self._secret = secret.get_secret_value().encode() if secret else secrets.token_bytes(32)
         self._token_ttl_s = settings.stream_token_ttl_s
+        key = settings.metrics_key
+        self._metrics_key = key.get_secret_value().encode() if key else None
         self._submissions = _RateLimiter(settings.tenant_requests_per_minute, per_s=60.0)
         self._streams_per_tenant = _Gauge(settings.tenant_max_streams, "open streams for tenant")
         self._streams_per_client = _Gauge(
@@ -66,6 +91,21 @@ class Access:
                 {"WWW-Authenticate": "Bearer"},
             )  # fmt: skip
         return Caller(tenant, client)
+
+    def authorize_metrics(self, authorization: str | None, client: str) -> None:
+        """``/metrics`` is for the operator: with a metrics key only that key reads it;
+        without one, any valid API key does (and none is needed only without keys)."""
+        if self._metrics_key is None:
+            self.authenticate(authorization, client)
+            return
+        scheme, _, key = (authorization or "").partition(" ")
+        given = key.strip().encode() if scheme.lower() == "bearer" else b""
+        if not hmac.compare_digest(given, self._metrics_key):
+            raise ApiError(
+                401, "unauthorized",
+                "send the metrics key (TOKENBUS_METRICS_KEY) as 'Authorization: Bearer <key>'",
+                {"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
 
     # -- stream tokens ---------------------------------------------------------------
 
@@ -159,10 +199,21 @@ class _Gauge:
 
 
 def _read_keys_file(path: object) -> dict[str, str]:
-    with open(str(path)) as f:
-        keys = json.load(f)
+    where = f"TOKENBUS_API_KEYS_FILE ({path})"
+    try:
+        with open(str(path)) as f:
+            keys = json.load(f)
+    except OSError as exc:
+        raise AccessConfigError(f"{where} cannot be read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise AccessConfigError(f"{where} is not JSON: {exc}") from None
     if not isinstance(keys, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in keys.items()
+        isinstance(k, str) and k and isinstance(v, str) and v for k, v in keys.items()
     ):
-        raise ValueError(f"{path}: expected a JSON object of API key -> tenant")
+        raise AccessConfigError(f"{where}: expected a JSON object of API key -> tenant")
+    if not keys:
+        # Named but empty is a mistake (a file not yet filled in, a bad deploy), not
+        # a wish for anonymous access: refuse to start rather than serve anyone.
+        raise AccessConfigError(f"{where} holds no API keys; put at least one in it, "
+                                "or unset TOKENBUS_API_KEYS_FILE")  # fmt: skip
     return keys

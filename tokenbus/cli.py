@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .children import die_with_parent
@@ -226,20 +226,15 @@ async def _serve(kafka: KafkaSettings, server: ServerSettings) -> None:
 def _start_server(kafka: KafkaSettings, server: ServerSettings) -> tuple[asyncio.Task[None], Any]:
     import uvicorn
 
+    from .access import AccessConfigError
+    from .edge import server_config
     from .server import create_app
 
-    if not (server.api_keys or server.api_keys_file):
-        if server.host not in {"127.0.0.1", "localhost", "::1"}:
-            raise SystemExit(
-                f"tokenbus: no API keys are configured, so it will not listen on {server.host}. "
-                'Set TOKENBUS_API_KEYS=\'{"<key>": "<tenant>"}\' (or TOKENBUS_API_KEYS_FILE), '
-                "or listen on 127.0.0.1."
-            )
-        log.warning("no API keys configured: one anonymous tenant, listening on loopback only")
-    app = create_app(kafka=kafka, settings=server)
-    uv = uvicorn.Server(
-        uvicorn.Config(app, host=server.host, port=server.port, log_level="warning")
-    )
+    try:
+        app = create_app(kafka=kafka, settings=server)  # enforces the access rules
+    except AccessConfigError as exc:
+        raise SystemExit(f"tokenbus: {exc}") from None
+    uv = uvicorn.Server(server_config(app, server, log_level="warning"))
     serving = asyncio.create_task(uv.serve())
     # On Ctrl-C uvicorn finishes serving, then raises the signal again for us: the
     # KeyboardInterrupt ends `up` (exit 130) through the loop, so the task's copy of
@@ -315,8 +310,9 @@ def _worker(args: argparse.Namespace) -> int:
     if settings.worker_metrics_port is not None:
         from workers.metrics import serve_metrics
 
-        serve_metrics(worker.engine.scheduler, settings.worker_metrics_port)
-        log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+        host, port = settings.worker_metrics_host, settings.worker_metrics_port
+        serve_metrics(worker.engine.scheduler, port, host)
+        log.info("worker metrics on http://%s:%d/metrics", host, port)
     asyncio.run(_run_worker(worker, settings))
     return 0
 
@@ -381,7 +377,7 @@ def _audit_run(args: argparse.Namespace) -> int:
         key=signing_key(settings),
     )
     if settings.metrics_port is not None:
-        serve_metrics(consumer.stats, settings.metrics_port)
+        serve_metrics(consumer.stats, settings.metrics_port, settings.metrics_host)
     asyncio.run(_until_interrupted(consumer.run()))
     return 0
 
@@ -407,21 +403,49 @@ async def _until_interrupted(service: Coroutine[Any, Any, None]) -> None:
 
 @_audit_command
 def _audit_verify(args: argparse.Namespace) -> int:
+    from aiokafka.errors import KafkaError
+
     from consumers.audit import open_store, verify, verifying_key
+    from consumers.audit.witness import compare, default_store_id, published
 
     settings = _audit_settings(args)
     with open_store(settings.store, create=False) as store:
         key, source = verifying_key(settings)
-        report = verify(store, key)
+        # Checkpoints come every TOKENBUS_AUDIT_CHECKPOINT_EVERY_S: records older than
+        # a few intervals that none covers had theirs deleted.
+        stale = datetime.now(UTC) - timedelta(seconds=3 * settings.checkpoint_every_s + 60)
+        report = verify(store, key, stale_before=stale)
+        held = store.checkpoints()
+    # The store alone cannot show that its history was rewritten and every checkpoint
+    # deleted: the witness topic and a checkpoint noted elsewhere can.
+    witnessed = []
+    if args.witness:
+        store_id = settings.store_id or default_store_id(key.public_bytes_raw())
+        try:
+            witnessed = asyncio.run(asyncio.wait_for(published(KafkaSettings(), store_id), 60))
+        except (KafkaError, TimeoutError) as exc:
+            print(f"tokenbus audit: cannot read the witness topic: {exc}", file=sys.stderr)
+            return 2
+    report.findings += compare(held, witnessed, key, args.expect_checkpoint)
     for finding in report.findings:
         print(f"TAMPERED {finding}")
+    witness = f"; {len(witnessed)} checkpoints published to the witness" if args.witness else ""
     print(
         f"{'FAILED' if report.findings else 'OK'}: {report.requests} requests, "
         f"{report.records} records, {report.checkpoints} checkpoints checked with the public key "
-        f"{source}; {report.uncovered} records after the last checkpoint",
+        f"{source}; {report.uncovered} records after the last checkpoint{witness}",
         file=sys.stderr,
     )
     return 1 if report.findings else 0
+
+
+def _checkpoint_ref(text: str) -> tuple[int, bytes]:
+    """``N:HASH``: a checkpoint's number and its hash (hex), as the consumer logs them."""
+    number, _, digest = text.partition(":")
+    try:
+        return int(number), bytes.fromhex(digest)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N:HASH (a number, a hex hash)") from None
 
 
 @_audit_command
@@ -511,11 +535,15 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 async def _stream_async(args: argparse.Namespace, *, after: int, pace: str = "fast") -> int:
-    from producers import TokenbusClient
+    from producers import TokenbusClient, TokenbusError
 
     async with TokenbusClient(ClientSettings(**_given(url=args.url)).url) as client:
-        return await _print_stream(client, args.request_id, after=after, as_json=args.json,
-                                   pace=pace)  # fmt: skip
+        try:
+            return await _print_stream(client, args.request_id, after=after, as_json=args.json,
+                                       pace=pace)  # fmt: skip
+        except TokenbusError as exc:  # 404, 416 after_end_of_stream …: a reason, no traceback
+            print(f"tokenbus: {exc}", file=sys.stderr)
+            return 1
 
 
 async def _print_stream(
@@ -612,6 +640,11 @@ def _parser() -> argparse.ArgumentParser:
     audit_run.set_defaults(run=_audit_run)
     verify = audits.add_parser("verify", help="check every chain and checkpoint; 1 if tampered")
     verify.add_argument("--public-key", help="hex or base64 [TOKENBUS_AUDIT_PUBLIC_KEY]")
+    verify.add_argument("--witness", action="store_true",
+                        help="also compare with the checkpoints published to "
+                             "tokenbus.audit-checkpoints (KAFKA_BOOTSTRAP_SERVERS)")  # fmt: skip
+    verify.add_argument("--expect-checkpoint", type=_checkpoint_ref, metavar="N:HASH",
+                        help="a checkpoint the store must hold, as noted elsewhere")  # fmt: skip
     verify.set_defaults(run=_audit_verify)
     show = audits.add_parser("show", help="one request: prompt, model, workers, text, timings")
     show.add_argument("request_id", type=uuid.UUID)

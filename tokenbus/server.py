@@ -29,14 +29,20 @@ from relay.routes import router as relay_router
 
 from . import __version__
 from .access import Access
-from .http import error_response, install_error_handlers
+from .edge import BodyLimits
+from .http import client_address, error_response, install_error_handlers
 from .settings import KafkaSettings, ServerSettings
 
 log = logging.getLogger(__name__)
 
 
 def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
-    access = Access(settings)  # reads the keys file now: a bad one fails at start
+    # Reads the keys file now, and refuses (AccessConfigError) a file without keys, or
+    # no keys at all on an address beyond loopback: whoever builds the app, it fails
+    # at start rather than serve without authentication.
+    access = Access(settings)
+    if access.anonymous:
+        log.warning("no API keys configured: one anonymous tenant, listening on loopback only")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -71,6 +77,9 @@ def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="tokenbus", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(
+        BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_read_timeout_s
+    )
     app.include_router(submit_router)
     app.include_router(openai_router)
     app.include_router(relay_router)
@@ -92,6 +101,7 @@ def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
+        access.authorize_metrics(request.headers.get("authorization"), client_address(request))
         return Response(generate_latest(request.state.registry), media_type="text/plain")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -173,6 +173,21 @@ class ServerSettings(_Settings):
     tenant_requests_per_minute: int = Field(default=600, ge=1)
     tenant_max_streams: int = Field(default=256, ge=1, description="open SSE streams per tenant")
     max_connections_per_client: int = Field(default=64, ge=1, description="open streams per IP")
+    # /metrics: with this set, only `Authorization: Bearer <metrics_key>` reads it;
+    # unset, any valid API key does (none is needed only when there are no keys).
+    metrics_key: SecretStr | None = Field(default=None, description="the key /metrics asks for")
+
+    # What a client may take before the app sees its request (tokenbus.edge).
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1, description="larger request bodies are refused (413)"
+    )
+    body_read_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="a request head, and then its body, must each arrive within this",
+    )  # fmt: skip
+    max_connections: int = Field(
+        default=1024, ge=1, description="open HTTP connections per process; beyond: 503"
+    )
 
 
 def _default_worker_id() -> str:
@@ -210,6 +225,9 @@ class WorkerSettings(_Settings):
     worker_metrics_port: int | None = Field(
         default=None, description="serve the worker's Prometheus metrics here"
     )
+    worker_metrics_host: str = Field(
+        default="127.0.0.1", description="the address of those metrics; loopback unless set"
+    )
     ready_fd: int | None = Field(
         default=None,
         description="a pipe to write 'ready' to once serving (`tokenbus up` passes one)",
@@ -244,7 +262,14 @@ class AuditSettings(_Settings):
     checkpoint_every_s: float = Field(default=60.0, gt=0)
     max_batch: int = Field(default=5_000, ge=1, description="records per fetch and transaction")
     state_cache: int = Field(default=100_000, ge=1, description="streams' state kept in memory")
+    store_id: str | None = Field(
+        default=None,
+        description="the key its checkpoints are published under; default: the public key (hex)",
+    )
     metrics_port: int | None = Field(default=None, description="serve Prometheus metrics here")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="the address of those metrics; loopback unless set"
+    )
 
 
 class AnalyticsSettings(_Settings):

@@ -4,6 +4,7 @@ TGI users watch, read from the scheduler when scraped (nothing on the hot path).
 from __future__ import annotations
 
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -55,8 +56,10 @@ class WorkerCollector(Collector):
         yield tokens
 
 
-def serve_metrics(scheduler: Scheduler, port: int) -> None:
-    """Serve ``/metrics`` on ``port`` from a thread of its own."""
+def serve_metrics(scheduler: Scheduler, port: int, host: str = "127.0.0.1") -> WSGIServer:
+    """Serve ``/metrics`` on ``host:port`` from a thread of its own. Loopback unless
+    told otherwise: the figures are for the operator's scraper, not the world."""
     registry = CollectorRegistry()
     registry.register(WorkerCollector(scheduler))
-    start_http_server(port, registry=registry)
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server

@@ -117,8 +117,8 @@ class Analytics:
 
     def count(self, summary: RequestSummary) -> None:
         """Add a finished request to its windows (by its terminal event's time)."""
-        self.metrics.record(summary)
-        for windows, key in ((self._by_model, summary.model), (self._by_tenant, summary.tenant)):
+        model = self.metrics.record(summary)  # bounded, as the metrics' labels are
+        for windows, key in ((self._by_model, model), (self._by_tenant, summary.tenant)):
             at_end = windows.relative_to(summary.ended_at)
             stats = WindowStats.from_json(at_end[key].value())
             stats.add(summary)

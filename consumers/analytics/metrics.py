@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from schemas.requests import ANY_MODEL
+
 from .timings import RequestSummary
+
+# The label of a model no worker has served here: a request that failed before
+# pickup for a name made up by its client, say. Each label value is a new series
+# per metric, so a client-controlled value never becomes one.
+UNKNOWN_MODEL = "unknown"
 
 # From a token every few ms on a GPU to a long queue on a busy CPU worker.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -61,8 +68,23 @@ class AnalyticsMetrics:
             registry=self.registry,
         )
 
-    def record(self, summary: RequestSummary) -> None:
-        model = summary.model
+        # Models a worker has said it serves (in a `started` event): few, and not
+        # the client's to choose.
+        self._served: set[str] = set()
+
+    def model_label(self, summary: RequestSummary) -> str:
+        """The model as a label value: one that workers serve, ``default``, or
+        ``unknown``."""
+        if summary.model_served:
+            self._served.add(summary.model)
+            return summary.model
+        if summary.model in self._served or summary.model == ANY_MODEL:
+            return summary.model
+        return UNKNOWN_MODEL
+
+    def record(self, summary: RequestSummary) -> str:
+        """Count ``summary``; returns the model label it was counted under."""
+        model = self.model_label(summary)
         self.requests.labels(model, summary.outcome).inc()
         self.tokens.labels(model).inc(summary.completion_tokens)
         if summary.queue_wait_s is not None:
@@ -73,3 +95,4 @@ class AnalyticsMetrics:
             self.ttft.labels(model, "pickup").observe(summary.ttft_pickup_s)
         for gap in summary.inter_token_s:
             self.inter_token.labels(model).observe(gap)
+        return model

@@ -40,7 +40,8 @@ class RequestSummary:
     """What one finished request contributes to the analytics (times in seconds)."""
 
     tenant: str
-    model: str
+    model: str  # what the worker served; without a `started` event, what was asked for
+    model_served: bool  # whether `model` is a worker's (a `started` event's) or the client's
     outcome: str  # a finish reason, or "failed"
     ended_at: datetime  # the terminal event's ts: the window the request counts in
     completion_tokens: int
@@ -93,6 +94,7 @@ class RequestTimings:
         return RequestSummary(
             tenant=request.tenant,
             model=started.model if started is not None else request.model,
+            model_served=started is not None,
             outcome=terminal.finish_reason if isinstance(terminal, FinishedEvent) else FAILED,
             ended_at=terminal.ts,
             completion_tokens=self.completion_tokens,

@@ -31,6 +31,7 @@ from .ingest import AuditStats, Ingest, StreamStates
 from .keys import public_key_hex
 from .records import Position
 from .store import AuditStore
+from .witness import Publisher, default_store_id
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class AuditConsumer:
             every_records=settings.checkpoint_every_records,
             every_s=settings.checkpoint_every_s,
         )
+        public = key.public_key().public_bytes_raw()
+        self._witness = Publisher(kafka, settings.store_id or default_store_id(public))
         # Where it stands: the next offset of each partition, as written to the store.
         self.positions: dict[Position, int] = {}
         self.ready = asyncio.Event()  # set once it is assigned and positioned
@@ -103,6 +106,7 @@ class AuditConsumer:
                 await consumer.stop()
         finally:
             await self._final_checkpoint()
+            await self._witness.close()
             await _blocking(self._store.close)
 
     async def _start_consumer(self) -> AIOKafkaConsumer:
@@ -192,6 +196,7 @@ class AuditConsumer:
     async def _checkpoint(self) -> None:
         checkpoint = await _blocking(self._checkpointer.checkpoint)
         if checkpoint is not None:
+            await self._witness.publish(checkpoint)
             self.stats.checkpoints += 1
             log.info(
                 "checkpoint %d: %d records of %d requests, hash %s",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily
@@ -43,7 +44,9 @@ class AuditCollector(Collector):
         )
 
 
-def serve_metrics(stats: AuditStats, port: int) -> None:
+def serve_metrics(stats: AuditStats, port: int, host: str = "127.0.0.1") -> WSGIServer:
+    """Serve ``/metrics`` on ``host:port``; loopback unless told otherwise."""
     registry = CollectorRegistry()
     registry.register(AuditCollector(stats))
-    start_http_server(port, registry=registry)
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server

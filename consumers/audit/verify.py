@@ -26,6 +26,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -82,13 +83,20 @@ class _Committed:
     checkpoint: int
 
 
-def verify(store: AuditStore, public_key: Ed25519PublicKey) -> Report:
+def verify(
+    store: AuditStore, public_key: Ed25519PublicKey, *, stale_before: datetime | None = None
+) -> Report:
+    """With ``stale_before``, records from before then that no checkpoint covers are a
+    finding (``uncovered``): the consumer checkpoints every few seconds, so old
+    uncovered records mean deleted checkpoints (or a consumer long down)."""
     report = Report()
     committed = _fold_checkpoints(store, public_key, report)
     states = store.stream_states()
     for request_id in sorted(set(store.request_ids()) | committed.keys() | states.keys()):
         report.requests += 1
-        _check_request(store, request_id, committed.get(request_id, []), report, states)
+        _check_request(
+            store, request_id, committed.get(request_id, []), report, states, stale_before
+        )
     return report
 
 
@@ -127,6 +135,7 @@ def _check_request(
     commitments: Sequence[_Committed],
     report: Report,
     states: dict[uuid.UUID, StreamState],
+    stale_before: datetime | None = None,
 ) -> None:
     request = store.request(request_id)
     events = store.events(request_id)
@@ -162,7 +171,15 @@ def _check_request(
                 f"the chain no longer ends in the head checkpoint {number} committed",
                 seq=good, checkpoint=number)  # fmt: skip
             return
-    report.uncovered += len(heads) - (latest.leaf.count if latest else 0)
+    covered = latest.leaf.count if latest else 0
+    report.uncovered += len(heads) - covered
+    if stale_before is not None and len(heads) > covered:
+        oldest = decode_event(events[covered].value).ts  # decoded fine in the chain check
+        if oldest < stale_before:
+            since = oldest.isoformat(timespec="seconds")
+            bad("uncovered", f"records seq {covered}..{len(heads) - 1} date from {since} and no "
+                "checkpoint covers them: checkpoints were deleted (or the consumer has not "
+                "checkpointed since); compare with --witness", seq=covered)  # fmt: skip
     state = states.get(request_id)
     expected_head = heads[-1] if heads else GENESIS
     if state is not None and (state.next_seq, state.head) != (len(heads), expected_head):
