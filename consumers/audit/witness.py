@@ -18,11 +18,11 @@ import json
 import logging
 from collections.abc import Sequence
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from tokenbus.kafka import at_end, new_consumer, new_producer
+from tokenbus.kafka import at_end, new_consumer, partitions_of, start_producer
 from tokenbus.settings import KafkaSettings
 
 from .chain import CheckpointBody
@@ -94,13 +94,7 @@ class Publisher:
     async def publish(self, checkpoint: Checkpoint) -> None:
         try:
             if self._producer is None:
-                producer = new_producer(self._kafka)
-                try:
-                    await producer.start()
-                except KafkaError:
-                    await producer.stop()
-                    raise
-                self._producer = producer
+                self._producer = await start_producer(self._kafka)
             await self._producer.send_and_wait(
                 self._kafka.topics.audit_checkpoints,
                 encode_checkpoint(self._store_id, checkpoint),
@@ -122,15 +116,7 @@ async def published(kafka: KafkaSettings, store_id: str) -> list[Checkpoint]:
     consumer = new_consumer(kafka, fetch_max_wait_ms=50)
     await consumer.start()
     try:
-        ids = consumer.partitions_for_topic(topic)
-        if not ids:
-            # A fresh client tracks no topic on Apache Kafka (Tansu sends them all):
-            # tracking this one fetches its metadata.
-            await consumer._client.add_topic(topic)
-            ids = consumer.partitions_for_topic(topic)
-        if not ids:
-            raise KafkaError(f"topic {topic!r} does not exist")
-        partitions = [TopicPartition(topic, p) for p in sorted(ids)]
+        partitions = await partitions_of(consumer, topic)
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         found = []
