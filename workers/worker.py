@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.protocol.commit import OffsetCommitRequest
 from aiokafka.structs import ConsumerRecord
@@ -126,11 +125,9 @@ class Worker:
             session_timeout_ms=self._settings.session_timeout_ms,
             heartbeat_interval_ms=self._settings.heartbeat_interval_ms,
             max_poll_interval_ms=self._settings.max_poll_interval_ms,
-            # Round robin as well, so that a group of older workers can be joined.
-            partition_assignment_strategy=(
-                StickyAssignor(lambda: self._ownership.partitions),
-                RoundRobinPartitionAssignor,
-            ),
+            # One assignor only: aiokafka 0.14 sends a JoinGroup per assignor offered,
+            # and on Apache Kafka the second restarts the rebalance (aiokafka#1168).
+            partition_assignment_strategy=(StickyAssignor(lambda: self._ownership.partitions),),
         )
         self._consumer.subscribe([topics.requests], listener=_Rebalance(self))
         self._producer = await start_producer(self._kafka)
