@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -297,6 +298,7 @@ async def trial(
     kill_at = last_before = claim_at = first_after = 0.0
     last_seq = first_seq = -1
     first_ts = 0.0
+    arrivals: list[float] = []  # the tokens before the kill: the decoding pace
     async with asyncio.timeout(TRIAL_WITHIN_S):
         async with contextlib.aclosing(client.stream(rid)) as events:
             async for event in events:
@@ -306,6 +308,7 @@ async def trial(
                 if not isinstance(event, TokenEvent):
                     continue
                 if killed is None:
+                    arrivals.append(now)
                     if event.seq >= kill_after:
                         killed, last_before, last_seq = event.worker, now, event.seq
                         os.kill(pid_of(killed), signal.SIGKILL)
@@ -330,6 +333,9 @@ async def trial(
         "new_owner": owner,
         "last_token_before": {"seq": last_seq, "after_kill_s": round(last_before - kill_at, 3)},
         "first_token_after": {"seq": first_seq},
+        "token_interval_before_kill_s": round(
+            statistics.median(b - a for a, b in itertools.pairwise(arrivals[1:])), 3
+        ),
         "stall_s": round(first_after - last_before, 3),
         "kill_to_first_token_s": round(first_after - kill_at, 3),
     }
@@ -414,13 +420,25 @@ def summarize(trials: list[dict[str, Any]]) -> dict[str, Any]:
         for phase in done[0]["after_kill_s"]
         if any(t["after_kill_s"][phase] is not None for t in done)
     }
-    return {
+    summary: dict[str, Any] = {
         "trials_ok": len(done),
         "trials_failed": len(trials) - len(done),
         "stall_s": stats([t["stall_s"] for t in done]),
         "kill_to_first_token_s": stats([t["kill_to_first_token_s"] for t in done]),
+        # What is left once the new owner's forward passes (prefill, first decode step)
+        # are taken out: the group's part, and the log reads; CPU contention inflates
+        # the passes on a shared machine.
+        "stall_less_new_owner_passes_s": stats(
+            [t["stall_s"] - t["new_owner_compute"]["pass_s"] for t in done]
+        ),
         "after_kill_s": phases,
     }
+    intervals = [
+        t["token_interval_before_kill_s"] for t in done if "token_interval_before_kill_s" in t
+    ]
+    if intervals:
+        summary["token_interval_before_kill_s"] = stats(intervals)
+    return summary
 
 
 def one_broker(name: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
