@@ -496,6 +496,7 @@ def main() -> None:
     parser.add_argument("--kill-after", type=int, default=10, help="kill once this seq arrived")
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--keep-logs", type=Path, help="copy the workers' logs here")
+    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     began, load_start = time.monotonic(), load()
     with tempfile.TemporaryDirectory(prefix="tokenbus-failover-") as tmp:
@@ -519,8 +520,8 @@ def main() -> None:
         "goal": goal(brokers),
         "brokers": brokers,
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    args.output.parent.mkdir(exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
     for b in brokers:
         for run in b["runs"]:
             print(b["broker"], run["settings"], json.dumps(run["summary"]))
