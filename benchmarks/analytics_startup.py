@@ -1,9 +1,10 @@
 """How long the analytics consumer takes from process start to its first message
 read, with Faust's default group timeouts and with tokenbus' tuned ones.
 
-    .venv/bin/python benchmarks/analytics_startup.py [--runs 3]
+    .venv/bin/python benchmarks/analytics_startup.py [--runs 3] [--broker tansu|kafka|both]
 
-Starts an embedded broker (Tansu), puts one request on a fresh `tokenbus.requests`,
+On each broker in turn (the embedded Tansu, Apache Kafka with one KRaft node; both
+by default), puts one request on a fresh `tokenbus.requests`,
 then starts `tokenbus analytics` (a fresh consumer group each run) and times it to
 `/readyz` 200 and to the request read. Writes benchmarks/results/analytics_startup.json.
 """
@@ -26,9 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+from brokers import DESCRIPTION, add_broker_option, chosen, load, running
 
 from schemas import GenerationRequest, encode, message_key, uuid7
-from tokenbus.broker import EmbeddedBroker
 from tokenbus.kafka import ensure_topics, new_producer
 from tokenbus.settings import KafkaSettings
 
@@ -96,32 +97,50 @@ async def one_run(kafka: KafkaSettings, overrides: dict[str, str]) -> dict[str, 
     return figures
 
 
-async def main(runs: int) -> None:
-    with EmbeddedBroker(port=free_port()) as broker:
-        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap, topic_prefix="bench.")
-        await put_one_request(kafka)
-        results: dict[str, object] = {}
-        for name, overrides in (("faust_defaults", FAUST_DEFAULTS), ("tuned", {})):
-            samples = [await one_run(kafka, overrides) for _ in range(runs)]
-            results[name] = {
-                "overrides": overrides or "AnalyticsSettings defaults",
-                "ready_s": [round(s["ready_s"], 2) for s in samples],
-                "first_message_s": [round(s["first_message_s"], 2) for s in samples],
-                "first_message_s_median": round(
-                    statistics.median(s["first_message_s"] for s in samples), 2
-                ),
-            }
-            print(name, json.dumps(results[name]))
-    RESULTS.write_text(
-        json.dumps(
-            {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": runs} | results,
-            indent=2,
+async def measure(bootstrap: str, runs: int) -> dict[str, object]:
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix="bench.")
+    await put_one_request(kafka)
+    results: dict[str, object] = {}
+    for name, overrides in (("faust_defaults", FAUST_DEFAULTS), ("tuned", {})):
+        samples = [await one_run(kafka, overrides) for _ in range(runs)]
+        results[name] = {
+            "overrides": overrides or "AnalyticsSettings defaults",
+            "ready_s": [round(s["ready_s"], 2) for s in samples],
+            "first_message_s": [round(s["first_message_s"], 2) for s in samples],
+            "first_message_s_median": round(
+                statistics.median(s["first_message_s"] for s in samples), 2
+            ),
+        }
+        print(name, json.dumps(results[name]))
+    return results
+
+
+def main(runs: int, brokers: list[str]) -> None:
+    report: dict[str, object] = {
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "runs": runs,
+        "load_start": load(),
+    }
+    measured = []
+    for name in brokers:
+        load_start = load()
+        # Started outside the event loop: KafkaCluster waits for its node with asyncio.run.
+        with running(name) as broker:
+            print(f"== {name}")
+            results = asyncio.run(measure(broker.bootstrap, runs))
+        measured.append(
+            {"broker": name, "description": DESCRIPTION[name], "load_start": load_start}
+            | results
+            | {"load_end": load()}
         )
-        + "\n"
-    )
+    report |= {"load_end": load(), "brokers": measured}
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    asyncio.run(main(parser.parse_args().runs))
+    add_broker_option(parser)
+    args = parser.parse_args()
+    main(args.runs, chosen(args.broker))

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/audit_ingest.py            # 100,000 events (a few minutes)
     .venv/bin/python benchmarks/audit_ingest.py --quick    # 10,000 events, a smoke run
+    ... [--broker tansu|kafka|both]    # end to end on which broker; both by default
 
 Synthetic streams (``started``, tokens, ``finished``; 50 events a request) built
 with the schemas classes. Two measurements per backend:
@@ -9,10 +10,10 @@ with the schemas classes. Two measurements per backend:
 1. store: the ingest pipeline without Kafka (decode, fencing rule, chain hash,
    one transaction per batch of ``max_batch`` records, as the consumer writes) into
    a fresh store, then a checkpoint over it.
-2. end to end: the topics of the embedded broker (Tansu, in memory, 4 partitions)
-   pre-filled with the same events and their requests; a real `AuditConsumer` into
-   a fresh store, timed from its start until its positions reach the end of the
-   log (its store holds every record).
+2. end to end, on each broker (the embedded Tansu, in memory; Apache Kafka, one
+   KRaft node; 4 partitions): the topics pre-filled with the same events and their
+   requests; a real `AuditConsumer` into a fresh store, timed from its start until
+   its positions reach the end of the log (its store holds every record).
 
 PostgreSQL is the server at ``--postgres`` (default: the tests' one), a schema of
 its own, dropped afterwards; it runs on the same machine. Writes
@@ -28,7 +29,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +40,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import brokers
 import psycopg
+from brokers import DESCRIPTION, add_broker_option, chosen, load
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consumers.audit import (
@@ -66,7 +68,6 @@ from schemas import (
     partition_for,
     uuid7,
 )
-from tokenbus.broker import EmbeddedBroker
 from tokenbus.kafka import ensure_topics, new_producer
 from tokenbus.settings import AuditSettings, KafkaSettings
 
@@ -244,25 +245,39 @@ async def bench_consumer(
     }
 
 
-async def bench_end_to_end(
-    log: Sequence[Message], backends: Sequence[str], postgres: str, directory: Path, batch: int
+def bench_end_to_end(
+    broker_name: str,
+    log: Sequence[Message],
+    backends: Sequence[str],
+    postgres: str,
+    directory: Path,
+    batch: int,
 ) -> tuple[dict[str, Any], float]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+    # Started outside the event loop: KafkaCluster waits for its node with asyncio.run.
+    with brokers.running(broker_name) as broker:
+        return asyncio.run(on_broker(broker.bootstrap, log, backends, postgres, directory, batch))
+
+
+async def on_broker(
+    bootstrap: str,
+    log: Sequence[Message],
+    backends: Sequence[str],
+    postgres: str,
+    directory: Path,
+    batch: int,
+) -> tuple[dict[str, Any], float]:
     results: dict[str, Any] = {}
-    with EmbeddedBroker(port=port) as broker:
-        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap, topic_prefix="bench.",
-                              partitions=PARTITIONS)  # fmt: skip
-        await ensure_topics(kafka)
-        prefill_s = await prefill(kafka, log)
-        ends: dict[tuple[str, int], int] = {}
-        for m in log:
-            ends[(m.topic, m.partition)] = max(ends.get((m.topic, m.partition), 0), m.offset + 1)
-        for backend in backends:
-            with store_url(backend, postgres, directory) as url:
-                results[backend] = await bench_consumer(kafka, url, ends, batch)
-                print(f"end to end, {backend}: {results[backend]}", flush=True)
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix="bench.",
+                          partitions=PARTITIONS)  # fmt: skip
+    await ensure_topics(kafka)
+    prefill_s = await prefill(kafka, log)
+    ends: dict[tuple[str, int], int] = {}
+    for m in log:
+        ends[(m.topic, m.partition)] = max(ends.get((m.topic, m.partition), 0), m.offset + 1)
+    for backend in backends:
+        with store_url(backend, postgres, directory) as url:
+            results[backend] = await bench_consumer(kafka, url, ends, batch)
+            print(f"end to end, {backend}: {results[backend]}", flush=True)
     return results, prefill_s
 
 
@@ -282,6 +297,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=AuditSettings().max_batch)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    add_broker_option(parser)
     args = parser.parse_args()
     events = 10_000 if args.quick else args.events
     load_at_start = round(os.getloadavg()[0], 2)
@@ -297,8 +313,15 @@ def main() -> int:
             with store_url(backend, args.postgres, directory) as url:
                 store_results[backend] = bench_store(url, log, topics, args.batch)
                 print(f"store, {backend}: {store_results[backend]}", flush=True)
-        e2e, prefill_s = asyncio.run(bench_end_to_end(log, backends, args.postgres, directory,
-                                                      args.batch))  # fmt: skip
+        e2e: dict[str, Any] = {}
+        prefill_s: dict[str, float] = {}
+        for name in chosen(args.broker):
+            print(f"== end to end on {name}", flush=True)
+            load_start = load()
+            e2e[name], prefill_s[name] = bench_end_to_end(
+                name, log, backends, args.postgres, directory, args.batch
+            )
+            e2e[name] |= {"broker": DESCRIPTION[name], "load_start": load_start, "load_end": load()}
 
     event_count = sum(1 for m in log if m.topic == topics.tokens)
     result = {
@@ -318,8 +341,10 @@ def main() -> int:
             "synthetic streams built with the schemas classes (started, 48 tokens, finished)",
             "store: consumers.audit Ingest (decode, fencing, chain hash) + one store transaction "
             "per batch, in this process, into a fresh store; then one checkpoint and a verify",
-            "end to end: embedded Tansu broker (in memory), topics pre-filled "
-            f"in {prefill_s:.1f} s; a real AuditConsumer in this process into a fresh store, "
+            "end to end, on each broker in turn (the embedded Tansu, in memory; Apache Kafka, "
+            "one KRaft node): topics pre-filled (seconds: "
+            + ", ".join(f"{name} {s:.1f}" for name, s in prefill_s.items())
+            + "); a real AuditConsumer in this process into a fresh store, "
             "timed from run() until its positions reach the log end",
             "PostgreSQL on the same machine (shares its cores with this process and the broker)",
         ],
@@ -328,7 +353,11 @@ def main() -> int:
         "end_to_end": e2e,
         "goal_met": {
             "store_sqlite": store_results["sqlite"]["events_per_s"] >= GOAL_EVENTS_PER_S,
-            "end_to_end_sqlite": e2e["sqlite"]["events_per_s_from_start"] >= GOAL_EVENTS_PER_S,
+        }
+        | {
+            f"end_to_end_sqlite_{name}": run["sqlite"]["events_per_s_from_start"]
+            >= GOAL_EVENTS_PER_S
+            for name, run in e2e.items()
         },
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

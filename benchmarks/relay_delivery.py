@@ -3,8 +3,10 @@ throughput, and replay of a finished stream.
 
     .venv/bin/python benchmarks/relay_delivery.py            # full sizes (a few minutes)
     .venv/bin/python benchmarks/relay_delivery.py --quick    # small counts, a smoke run
+    ... [--broker tansu|kafka|both]    # both (the default): every scenario on each
 
-One embedded broker (Tansu) on a free port; each scenario gets fresh topics and
+One broker on a free port: the embedded Tansu, then Apache Kafka (one KRaft node),
+the same scenarios on each in one run; each scenario gets fresh topics and
 its own relay, a `tokenbus serve` process. Streams are published by the real
 `EventStream` publisher from this process (no worker, no model); SSE clients run
 in spawned processes, so the relay, the publisher and the clients never share a
@@ -54,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 from aiokafka import AIOKafkaProducer
+from brokers import add_broker_option, chosen, load, running
 from httpx_sse import EventSource, aconnect_sse
 
 from schemas import (
@@ -65,7 +68,6 @@ from schemas import (
     message_key,
     uuid7,
 )
-from tokenbus.broker import EmbeddedBroker
 from tokenbus.kafka import ensure_topics, new_consumer, new_producer, partitions_of
 from tokenbus.settings import KafkaSettings, kafka_env
 
@@ -177,16 +179,6 @@ def machine_jiffies() -> tuple[int, int]:
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     idle = values[3] + values[4]  # idle + iowait
     return sum(values) - idle, sum(values)
-
-
-def broker_pid() -> int | None:
-    """The embedded broker: the child of this process that runs tansu."""
-    me = os.getpid()
-    for pid in Path(f"/proc/{me}/task/{me}/children").read_text().split():
-        with contextlib.suppress(OSError):
-            if b"tansu" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return int(pid)
-    return None
 
 
 @dataclass(frozen=True)
@@ -852,7 +844,7 @@ def positive(text: str) -> int:
     return value
 
 
-def parse_sizes(argv: Sequence[str] | None = None) -> tuple[Sizes, bool]:
+def parse_sizes(argv: Sequence[str] | None = None) -> tuple[Sizes, bool, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--concurrency", type=positive, nargs="+", help="streams, latency runs")
@@ -863,6 +855,7 @@ def parse_sizes(argv: Sequence[str] | None = None) -> tuple[Sizes, bool]:
     parser.add_argument("--replay-tokens", type=positive)
     parser.add_argument("--replay-repeats", type=positive, help="replay connections per relay")
     parser.add_argument("--client-procs", type=positive, help="SSE client processes")
+    add_broker_option(parser)
     args = parser.parse_args(argv)
     base = QUICK if args.quick else Sizes()
     given = {
@@ -872,12 +865,13 @@ def parse_sizes(argv: Sequence[str] | None = None) -> tuple[Sizes, bool]:
     }
     if "concurrency" in given:
         given["concurrency"] = tuple(given["concurrency"])
-    return replace(base, **given), args.quick
+    return replace(base, **given), args.quick, chosen(args.broker)
 
 
 def method(sizes: Sizes) -> list[str]:
     return [
-        "embedded Tansu broker (in memory), 4 partitions; fresh topics per scenario",
+        "each broker in turn, alone on the machine's loopback: the embedded Tansu (in "
+        "memory), then Apache Kafka (one KRaft node); 4 partitions; fresh topics per scenario",
         f"relay: one `tokenbus serve` process per scenario, environment {RELAY_ENV}",
         "publisher: workers.publisher.EventStream in the bench process, one producer",
         f"SSE clients: {sizes.client_procs} spawned processes (httpx + httpx_sse), one "
@@ -893,17 +887,34 @@ def method(sizes: Sizes) -> list[str]:
     ]
 
 
-def main() -> None:
-    sizes, quick = parse_sizes()
-    started = time.monotonic()
+def on_broker(name: str, sizes: Sizes) -> dict[str, Any]:
+    started, load_start = time.monotonic(), load()
     with (
         tempfile.TemporaryDirectory(prefix="tokenbus-relay-bench-") as logs,
-        EmbeddedBroker(port=free_port()) as broker,
+        running(name) as broker,
     ):
-        pid = broker_pid()
-        watched = {"broker": pid} if pid is not None else {}
+        watched = {"broker": broker.pid} if broker.pid is not None else {}
         bench = Bench(broker.bootstrap, Path(logs), sizes.client_procs, watched)
         results = asyncio.run(run_all(bench, sizes))
+    return {
+        "broker": name,
+        "description": broker.description,
+        "load_start": load_start,
+        "load_end": load(),
+        **results,
+        "goals": goals(results),
+        "took_s": round(time.monotonic() - started, 1),
+    }
+
+
+def main() -> None:
+    sizes, quick, brokers = parse_sizes()
+    started, load_start = time.monotonic(), load()
+    runs = []
+    for name in brokers:
+        runs.append(on_broker(name, sizes))
+        print(f"== {name}")
+        print(summary(runs[-1]))
     report = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -916,13 +927,13 @@ def main() -> None:
         "quick": quick,
         "sizes": asdict(sizes),
         "method": method(sizes),
-        **results,
+        "load_start": load_start,
+        "load_end": load(),
+        "brokers": runs,
         "took_s": round(time.monotonic() - started, 1),
     }
-    report["goals"] = goals(results)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(summary(report))
     print(f"written to {RESULTS.relative_to(REPO)} in {report['took_s']} s")
 
 
