@@ -178,6 +178,7 @@ class Fleet:
     group: str
     overrides: dict[str, str]
     logs: Path
+    threads: int = 1
     workers: dict[int, WorkerProcess] = field(default_factory=dict)
 
     def start(self) -> WorkerProcess:
@@ -190,6 +191,11 @@ class Fleet:
                 "TOKENBUS_GROUP_ID": self.group,
                 "TOKENBUS_READY_FD": str(ready_w),
                 "TOKENBUS_WORKER_METRICS_PORT": str(metrics_port),
+                # Two workers share the machine's cores: each gets its share of
+                # OpenMP threads (--threads), as one would pin two workers on one
+                # box. With two threads each on two cores, every parallel region
+                # waits for a thread the other process holds: passes of seconds.
+                "OMP_NUM_THREADS": str(self.threads),
             }
             | self.overrides
         )
@@ -364,7 +370,9 @@ async def trial(
 async def one_setting(
     kafka: KafkaSettings, url: str, logs: Path, name: str, args: argparse.Namespace
 ) -> dict[str, Any]:
-    fleet = Fleet(kafka, f"failover-{name}-{uuid.uuid4().hex[:6]}", SETTINGS[name], logs)
+    fleet = Fleet(
+        kafka, f"failover-{name}-{uuid.uuid4().hex[:6]}", SETTINGS[name], logs, args.threads
+    )
     load_start = load()
     trials: list[dict[str, Any]] = []
     replacements: list[float] = []
@@ -507,6 +515,12 @@ def main() -> None:
     parser.add_argument("--kill-after", type=int, default=10, help="kill once this seq arrived")
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--keep-logs", type=Path, help="copy the workers' logs here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="OpenMP threads per worker (default: half the cores, two workers share them)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument(
         "--ready-within", type=float, default=180.0, help="seconds a starting worker may take"
@@ -530,6 +544,7 @@ def main() -> None:
         "request": f"chat essay prompt, max_tokens {args.max_tokens}, greedy; kill -9 of the "
         f"generating worker once token seq {args.kill_after} arrived",
         "settings": SETTINGS,
+        "omp_threads_per_worker": args.threads,
         "load_start": load_start,
         "load_end": load(),
         "took_s": round(time.monotonic() - began, 1),
