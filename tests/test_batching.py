@@ -384,7 +384,7 @@ def test_size_classes_are_powers_of_two_from_256() -> None:
 
 
 def test_beside_an_8k_budget_the_default_cap_holds_31_ordinary_sequences() -> None:
-    # The README's figure: one 8,192-token budget and 31 of 300 tokens (prompt 44 +
+    # The figure in docs/measured.md: one 8,192-token budget and 31 of 300 tokens (prompt 44 +
     # max_tokens 256) take 8,192 + 31 x 300 positions, within the default 32,768;
     # with every row as long as the longest, 32,768 // 8,192 = 4 sequences in all.
     def of(prompt: int, max_new: int) -> Sequence:

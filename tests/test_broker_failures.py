@@ -52,7 +52,7 @@ STALLS: dict[str, float] = {}
 def cluster() -> Iterator[KafkaCluster]:
     # A broker that stops heartbeating is fenced after broker.session.timeout.ms
     # (9 s by default), and only then do its partitions get new leaders: that is
-    # the stall a client sees. 4 s / 0.5 s is what the README recommends.
+    # the stall a client sees. 4 s / 0.5 s is what docs/kafka.md recommends.
     settings = {"broker.session.timeout.ms": "4000", "broker.heartbeat.interval.ms": "500"}
     with KafkaCluster(ports=[free_port() for _ in range(3)], settings=settings) as running:
         yield running

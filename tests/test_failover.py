@@ -37,6 +37,9 @@ def two_workers(kafka: KafkaSettings, tmp_path: Path) -> Iterator[list[subproces
         "TOKENBUS_GROUP_ID": f"{kafka.topic_prefix}workers",
         "TOKENBUS_SESSION_TIMEOUT_MS": "6000",
         "TOKENBUS_HEARTBEAT_INTERVAL_MS": "500",
+        # Two workers on this machine's cores: a thread each. With an OpenMP team of
+        # every core in each, a parallel region waits on threads the other holds.
+        "OMP_NUM_THREADS": "1",
     }
     with contextlib.ExitStack() as files:
         logs = [files.enter_context((tmp_path / f"worker{i}.log").open("wb")) for i in range(2)]

@@ -288,7 +288,7 @@ class AnalyticsSettings(_Settings):
     )
     # Tansu answers a first JoinGroup after half the session timeout: 30 s with
     # Faust's default 60 s. 6 s is the least Apache Kafka accepts (its
-    # group.min.session.timeout.ms); see the README for the figures.
+    # group.min.session.timeout.ms); see docs/analytics.md for the figures.
     analytics_session_timeout_s: float = Field(default=6.0, gt=0)
     analytics_heartbeat_interval_s: float = Field(default=0.5, gt=0)
     analytics_rebalance_timeout_s: float = Field(default=6.0, gt=0)

@@ -1,5 +1,5 @@
 """The audit consumer and its tools: every request and event of the bus in an
-append-only, hash-chained store with signed checkpoints (see README, "Audit")."""
+append-only, hash-chained store with signed checkpoints (see docs/audit.md)."""
 
 from .chain import GENESIS, CheckpointBody, Leaf, event_hash, request_digest
 from .checkpoints import Checkpointer
