@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consumers.audit import EventRecord, open_store
@@ -241,6 +242,24 @@ async def test_readyz_tells_the_truth_through_a_whole_cluster_outage(
         submission = await client.submit(prompt="Say hi.", max_tokens=8)
         stream = await asyncio.wait_for(Timed().follow(client, submission.request_id), 120)
         assert_complete(stream.events)
+
+
+async def test_topics_the_brokers_cannot_replicate_are_asked_again_then_reported(
+    cluster: KafkaCluster,
+) -> None:
+    """The controller refuses a topic while fewer brokers are up and unfenced than
+    its replication factor (after the rolling restart, all three were fenced for a
+    moment and the next CreateTopics failed). `ensure_topics` asks again until its
+    time runs out, then says why; replication factor 4 on three brokers never fits."""
+    kafka = KafkaSettings(
+        bootstrap_servers=cluster.bootstrap,
+        topic_prefix=f"d{uuid.uuid4().hex[:10]}.",
+        replication_factor=4,
+    )
+    started = time.monotonic()
+    with pytest.raises(KafkaError, match=r"Unable to replicate the partition 4 time.*after 2s"):
+        await ensure_topics(kafka, timeout_s=2)
+    assert time.monotonic() - started >= 2  # asked again, not refused at the first answer
 
 
 # -- helpers

@@ -39,6 +39,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _TOPIC_ALREADY_EXISTS = 36
+# Fewer brokers up and unfenced than the replication factor: a cluster (re)starting.
+_INVALID_REPLICATION_FACTOR = 38
+_REPLICA_NOT_AVAILABLE = 9
 
 
 def new_producer(
@@ -137,21 +140,22 @@ async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 30.0) -> Non
     Apache Kafka answers CreateTopics once the controller has the topic; each
     broker learns of it a moment later. A reader started in that moment finds no
     such topic, so this waits until every broker's metadata lists every partition
-    with a leader."""
+    with a leader. While too few brokers are up and unfenced for the replication
+    factor (a cluster starting or restarting) the controller refuses the topic;
+    that is asked again until ``timeout_s``, then reported."""
     admin = AIOKafkaAdminClient(**client_options(kafka))
     await admin.start()
+    wanted = kafka.topics.all()
+    refusal = ""
     try:
-        wanted = kafka.topics.all()
-        response = await admin.create_topics(
-            [NewTopic(name, kafka.partitions, kafka.replication_factor) for name in wanted]
-        )
-        for name, code, message in response.topic_errors:
-            if code not in (0, _TOPIC_ALREADY_EXISTS):
-                raise KafkaError(f"could not create topic {name!r}: {message} (error {code})")
         async with asyncio.timeout(timeout_s):
+            while refusal := await _create(admin, kafka, wanted):  # noqa: ASYNC110
+                await asyncio.sleep(0.5)  # brokers coming back; bounded by the timeout
             while not await _known_everywhere(admin, list(wanted)):  # noqa: ASYNC110
                 await asyncio.sleep(0.05)  # metadata propagating; bounded by the timeout
     except TimeoutError as exc:
+        if refusal:
+            raise KafkaError(f"{refusal}, still after {timeout_s:g}s") from exc
         raise KafkaError(
             f"the topics {', '.join(wanted)} were created but not every broker of "
             f"{kafka.bootstrap} serves them after {timeout_s:g}s"
@@ -159,6 +163,20 @@ async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 30.0) -> Non
     finally:
         await admin.close()
     log.info("topics ready: %s (%d partitions)", ", ".join(wanted), kafka.partitions)
+
+
+async def _create(admin: AIOKafkaAdminClient, kafka: KafkaSettings, names: tuple[str, ...]) -> str:
+    """Create what is missing; the reason when too few brokers can take the replicas
+    now (asked again), empty once every topic exists."""
+    response = await admin.create_topics(
+        [NewTopic(name, kafka.partitions, kafka.replication_factor) for name in names]
+    )
+    for name, code, message in response.topic_errors:
+        if code == _INVALID_REPLICATION_FACTOR:
+            return f"could not create topic {name!r}: {message} (error {code})"
+        if code not in (0, _TOPIC_ALREADY_EXISTS):
+            raise KafkaError(f"could not create topic {name!r}: {message} (error {code})")
+    return ""
 
 
 async def _known_everywhere(admin: AIOKafkaAdminClient, topics: list[str]) -> bool:
@@ -174,7 +192,11 @@ async def _known_everywhere(admin: AIOKafkaAdminClient, topics: list[str]) -> bo
         for topic in metadata["topics"]:
             if topic["error_code"] != 0 or not topic["partitions"]:
                 return False
-            if any(p["error_code"] != 0 or p["leader"] < 0 for p in topic["partitions"]):
+            # A partition with a replica down still serves (REPLICA_NOT_AVAILABLE).
+            if any(
+                p["error_code"] not in (0, _REPLICA_NOT_AVAILABLE) or p["leader"] < 0
+                for p in topic["partitions"]
+            ):
                 return False
     return True
 
