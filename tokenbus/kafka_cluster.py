@@ -22,9 +22,10 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -235,7 +236,7 @@ class KafkaCluster:
                     f"-Dlog4j2.configurationFile={self._lib_dir / 'log4j2.properties'}",
                     "kafka.Kafka", str(node.config),
                 ),
-                stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                stdout=out, stderr=subprocess.STDOUT, preexec_fn=_death_signal(),
             )  # fmt: skip
         if wait:
             self.wait_serving(timeout_s=timeout_s)
@@ -383,6 +384,14 @@ class KafkaCluster:
             settings.update(extra.settings)
         settings.update(self._settings)
         return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+
+def _death_signal() -> Callable[[], None] | None:
+    """`die_with_parent` where the node is started from the main thread only. The
+    kernel sends that signal when the *thread* that started the child ends, so a
+    node restarted from a worker thread (``asyncio.to_thread``) would be stopped
+    when that thread's pool shuts down, long before the cluster is."""
+    return die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
 def _cluster_id() -> str:
