@@ -104,12 +104,16 @@ async def test_killed_worker_is_continued_without_gap_or_duplicate(
     assert len([e for e in events if isinstance(e, StartedEvent)]) == 1
     tokens = [e for e in events if isinstance(e, TokenEvent)]
     killed = events[kill_after_seq].worker
-    # Runs of tokens by one worker: each worker's run ends when another takes over,
-    # and a superseded worker never comes back (a takeover continues, it does not
-    # interleave). The killed worker's run is followed by another's.
-    runs = [worker for worker, _ in itertools.groupby(t.worker for t in tokens)]
+    # Runs of tokens by one worker under one attempt: each run ends when another
+    # takes over, and takeovers only go forward (a worker whose partition a
+    # rebalance moved away may own the request again once the other dies, but under
+    # a new attempt: runs never interleave). The killed worker's run is followed by
+    # another's.
+    runs = [owner for owner, _ in itertools.groupby((t.worker, t.attempt) for t in tokens)]
     assert len(runs) == len(set(runs)), runs
-    assert killed in runs and runs[-1] != killed, "the other worker did not take it over"
+    assert [attempt for _, attempt in runs] == sorted({a for _, a in runs}), runs
+    workers = [worker for worker, _ in runs]
+    assert killed in workers and workers[-1] != killed, "the other worker did not take it over"
     ids = [i for t in tokens for i in t.token_ids]
     assert events[-1].usage.completion_tokens == len(ids)
     assert text_of(events) == smollm.tokenizer.decode(ids, skip_special_tokens=True)
@@ -119,7 +123,7 @@ async def test_killed_worker_is_continued_without_gap_or_duplicate(
             CHAT, add_generation_prompt=True, tokenize=False
         )
         prompt_ids = smollm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        prefix = [i for t in tokens if t.worker != runs[-1] for i in t.token_ids]
+        prefix = [i for t in tokens if (t.worker, t.attempt) != runs[-1] for i in t.token_ids]
         expected = greedy_continuation(smollm, prompt_ids, prefix, 60 - len(prefix))
         assert ids[len(prefix) :] == expected
 
