@@ -210,9 +210,13 @@ class KafkaCluster:
             )
             for node in self.nodes
         ]  # fmt: skip
-        for process in formats:
-            out, _ = process.communicate(timeout=timeout_s)
+        # Every format is waited for before any failure is raised: a JVM left running
+        # (and its pipe left open) would outlive the caller's error.
+        outputs = [process.communicate(timeout=timeout_s)[0] for process in formats]
+        for process, out in zip(formats, outputs, strict=True):
             if process.returncode != 0:
+                shutil.rmtree(self._root, ignore_errors=True)
+                self._root = None
                 raise KafkaStartError(f"kafka storage format failed: {out.decode()[-2000:]}")
         try:
             for node in self.nodes:
@@ -398,7 +402,12 @@ def _cluster_id() -> str:
     # KRaft wants a base64url UUID of 22 characters, what `kafka-storage random-uuid` makes.
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    # Like Kafka's Uuid.randomUuid, never one that starts with "-": the storage tool's
+    # argument parser reads "-t -abc…" as a missing value and an unknown option.
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 async def _registered_brokers(bootstrap: str) -> set[int]:
