@@ -30,8 +30,8 @@ import httpx
 from brokers import DESCRIPTION, add_broker_option, chosen, load, running
 
 from schemas import GenerationRequest, encode, message_key, uuid7
-from tokenbus.kafka import ensure_topics, new_producer
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.kafka import ensure_topics, new_producer
+from tokenbus.bus.settings import KafkaSettings
 
 RESULTS = Path(__file__).parent / "results" / "analytics_startup.json"
 FAUST_DEFAULTS = {

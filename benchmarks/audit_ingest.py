@@ -68,8 +68,8 @@ from schemas import (
     partition_for,
     uuid7,
 )
-from tokenbus.kafka import ensure_topics, new_producer
-from tokenbus.settings import AuditSettings, KafkaSettings
+from tokenbus.bus.kafka import ensure_topics, new_producer
+from tokenbus.bus.settings import AuditSettings, KafkaSettings
 
 RESULTS = Path(__file__).parent / "results" / "audit_ingest.json"
 EVENTS_PER_REQUEST = 50

@@ -1,8 +1,8 @@
 """The two brokers the benchmarks compare, started the same way: `--broker tansu|kafka|both`.
 
-- ``tansu``: the embedded default, `tokenbus.broker.EmbeddedBroker` (Tansu, memory-only);
+- ``tansu``: the embedded default, `tokenbus.bus.broker.EmbeddedBroker` (Tansu, memory-only);
 - ``kafka``: Apache Kafka 4.1.1, one KRaft node (broker and controller in one JVM),
-  `tokenbus.kafka_cluster.KafkaCluster`, data in a temporary folder.
+  `tokenbus.bus.kafka_cluster.KafkaCluster`, data in a temporary folder.
 
 Each benchmark runs its measurement once per broker, in the same run, and labels
 every result with the broker it ran on.
@@ -19,14 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenbus.broker import EmbeddedBroker
-from tokenbus.kafka_cluster import KAFKA_VERSION, KafkaCluster
+from tokenbus.bus.broker import EmbeddedBroker
+from tokenbus.bus.kafka_cluster import KAFKA_VERSION, KafkaCluster
 
 BROKERS = ("tansu", "kafka")
 DESCRIPTION = {
-    "tansu": "Tansu (embedded, memory-only; tokenbus.broker.EmbeddedBroker)",
+    "tansu": "Tansu (embedded, memory-only; tokenbus.bus.broker.EmbeddedBroker)",
     "kafka": f"Apache Kafka {KAFKA_VERSION}, one KRaft node (combined broker+controller, "
-    "tokenbus.kafka_cluster.KafkaCluster: group.initial.rebalance.delay.ms=0, "
+    "tokenbus.bus.kafka_cluster.KafkaCluster: group.initial.rebalance.delay.ms=0, "
     "8 offsets-topic partitions, 512 MB heap)",
 }
 

@@ -68,8 +68,8 @@ from schemas import (
     message_key,
     uuid7,
 )
-from tokenbus.kafka import ensure_topics, new_consumer, new_producer, partitions_of
-from tokenbus.settings import KafkaSettings, kafka_env
+from tokenbus.bus.kafka import ensure_topics, new_consumer, new_producer, partitions_of
+from tokenbus.bus.settings import KafkaSettings, kafka_env
 
 if TYPE_CHECKING:
     from workers.publisher import EventStream

@@ -34,7 +34,7 @@ from brokers import DESCRIPTION, add_broker_option, chosen, load
 
 from producers import TokenbusClient
 from schemas import FinishedEvent, StartedEvent, TokenEvent
-from tokenbus.kafka_cluster import KafkaCluster
+from tokenbus.bus.kafka_cluster import KafkaCluster
 
 RESULTS = Path(__file__).parent / "results" / "startup_ttft.json"
 PROMPT = [{"role": "user", "content": "Say hello."}]

@@ -59,8 +59,8 @@ from brokers import add_broker_option, chosen, load, running
 
 from producers import TokenbusClient
 from schemas import StartedEvent, TokenEvent, is_terminal
-from tokenbus.kafka import ensure_topics
-from tokenbus.settings import KafkaSettings, kafka_env
+from tokenbus.bus.kafka import ensure_topics
+from tokenbus.bus.settings import KafkaSettings, kafka_env
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "worker_failover.json"

@@ -10,8 +10,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from schemas import Cancel, GenerationRequest, encode, message_key
-from tokenbus.kafka import start_producer
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.kafka import start_producer
+from tokenbus.bus.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 

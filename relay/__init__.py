@@ -1,7 +1,6 @@
 """The SSE relay: subscribe to a request's stream by id, resume, replay, fan out."""
 
 from .hub import StreamHub
-from .log import LogReader
 from .subscription import subscribe
 
-__all__ = ["LogReader", "StreamHub", "subscribe"]
+__all__ = ["StreamHub", "subscribe"]

@@ -24,8 +24,8 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client import Histogram
 
 from schemas import MalformedMessage, StartedEvent, StreamEvent, StreamView, decode_event
-from tokenbus.kafka import new_consumer, partitions_of, rewind_restarted
-from tokenbus.settings import KafkaSettings, ServerSettings
+from tokenbus.bus.kafka import new_consumer, partitions_of, rewind_restarted
+from tokenbus.bus.settings import KafkaSettings, ServerSettings
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import uuid
 from collections.abc import AsyncIterator
 
 from schemas import StreamEvent, is_terminal
+from tokenbus.bus.log import LogReader
 
 from .hub import Listener, StreamHub, SubscriberOverflow
-from .log import LogReader
 
 
 class StreamTruncated(Exception):

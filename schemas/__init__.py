@@ -24,15 +24,13 @@ from .requests import (
     PromptInput,
     SamplingParams,
 )
-from .topics import Topics, message_key, partition_for
+from .topics import Topics, message_key
 from .wire import (
     MalformedMessage,
     decode_cancel,
     decode_event,
     decode_request,
     encode,
-    error_to_sse,
-    event_to_sse,
 )
 
 __all__ = [
@@ -60,11 +58,8 @@ __all__ = [
     "decode_event",
     "decode_request",
     "encode",
-    "error_to_sse",
-    "event_to_sse",
     "is_terminal",
     "message_key",
-    "partition_for",
     "uuid7",
     "uuid7_datetime",
     "uuid7_unix_ms",

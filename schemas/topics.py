@@ -5,8 +5,6 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from aiokafka.partitioner import murmur2
-
 
 @dataclass(frozen=True, slots=True)
 class Topics:
@@ -30,10 +28,3 @@ class Topics:
 def message_key(request_id: uuid.UUID) -> bytes:
     """Every message about a request is keyed by its id, so all land on one partition."""
     return str(request_id).encode()
-
-
-def partition_for(request_id: uuid.UUID, partitions: int) -> int:
-    """The partition Kafka's default partitioner (murmur2, as in the Java client and
-    aiokafka) puts a request's messages on. Requests and tokens have the same count,
-    so a request and its tokens share a partition index."""
-    return (int(murmur2(message_key(request_id))) & 0x7FFFFFFF) % partitions

@@ -1,18 +1,16 @@
 """The one place that turns messages into bytes and back.
 
 Kafka values are the JSON of the pydantic models (every field, so readers in any
-language see the whole record). SSE frames carry the very same JSON as `data`,
-with `id: <seq>` and `event: <type>`. Nothing else in tokenbus builds these
-strings by hand.
+language see the whole record). SSE frames carry the very same JSON (see
+`tokenbus.edge.sse`, the edge that speaks SSE). Nothing else in tokenbus builds
+these strings by hand.
 """
 
 from __future__ import annotations
 
-import json
 from typing import TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from sse_starlette import ServerSentEvent
 
 from .events import StreamEvent
 from .requests import Cancel, GenerationRequest
@@ -56,16 +54,6 @@ def decode_event(value: bytes | None) -> StreamEvent:
         return _stream_event.validate_json(value)
     except ValidationError as exc:
         raise MalformedMessage(f"not a valid StreamEvent: {_summary(exc)}") from exc
-
-
-def event_to_sse(event: StreamEvent) -> ServerSentEvent:
-    """A stream event as an SSE frame: `id` is the seq a client resumes after."""
-    return ServerSentEvent(id=str(event.seq), event=event.type, data=event.model_dump_json())
-
-
-def error_to_sse(code: str, message: str) -> ServerSentEvent:
-    """A relay-level problem with a stream (not an event of the stream itself)."""
-    return ServerSentEvent(event="error", data=json.dumps({"code": code, "message": message}))
 
 
 def _summary(exc: ValidationError) -> str:

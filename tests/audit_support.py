@@ -36,8 +36,8 @@ from schemas import (
     message_key,
     uuid7,
 )
-from tokenbus.kafka import new_producer
-from tokenbus.settings import AuditSettings, KafkaSettings
+from tokenbus.bus.kafka import new_producer
+from tokenbus.bus.settings import AuditSettings, KafkaSettings
 
 from .conftest import running
 

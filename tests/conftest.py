@@ -2,7 +2,7 @@
 fresh topics and consumer groups) per test.
 
 ``TOKENBUS_TEST_BROKER`` picks the broker: ``kafka`` (the default: Apache Kafka,
-one KRaft node, see `tokenbus.kafka_cluster`) or ``tansu`` (the embedded broker
+one KRaft node, see `tokenbus.bus.kafka_cluster`) or ``tansu`` (the embedded broker
 `tokenbus up` runs). ``scripts/test`` runs the whole suite on Apache Kafka and the
 tests marked ``broker_behaviour`` on Tansu as well."""
 
@@ -25,12 +25,12 @@ import uvicorn
 
 from producers import TokenbusClient
 from schemas import StreamEvent, TokenEvent, is_terminal
-from tokenbus.broker import EmbeddedBroker
-from tokenbus.edge import server_config
-from tokenbus.kafka import ensure_topics
-from tokenbus.kafka_cluster import KafkaCluster
-from tokenbus.server import create_app
-from tokenbus.settings import KafkaSettings, ServerSettings, WorkerSettings
+from tokenbus.bus.broker import EmbeddedBroker
+from tokenbus.bus.kafka import ensure_topics
+from tokenbus.bus.kafka_cluster import KafkaCluster
+from tokenbus.bus.settings import KafkaSettings, ServerSettings, WorkerSettings
+from tokenbus.edge.app import create_app
+from tokenbus.edge.limits import server_config
 from workers import LoadedModel, Worker, compute, load_model
 
 MODEL_CACHE = Path.home() / ".cache" / "tokenbus"

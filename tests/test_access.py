@@ -17,9 +17,9 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from schemas import decode_event
-from tokenbus.access import AccessConfigError
-from tokenbus.server import create_app
-from tokenbus.settings import KafkaSettings, ServerSettings
+from tokenbus.bus.settings import KafkaSettings, ServerSettings
+from tokenbus.edge.access import AccessConfigError
+from tokenbus.edge.app import create_app
 from workers import LoadedModel
 
 from .conftest import assert_complete, eventually, free_port, serving, working

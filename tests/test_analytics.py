@@ -38,8 +38,8 @@ from schemas import (
     message_key,
     uuid7,
 )
-from tokenbus.kafka import new_producer
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.kafka import new_producer
+from tokenbus.bus.settings import KafkaSettings
 from workers import LoadedModel
 
 from .conftest import eventually, free_port, serving, working

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consumers.audit import AuditStore, Batch, open_store, verify
 from schemas import StreamEvent, encode, uuid7
-from tokenbus.kafka import new_consumer
-from tokenbus.settings import KafkaSettings, kafka_env
+from tokenbus.bus.kafka import new_consumer
+from tokenbus.bus.settings import KafkaSettings, kafka_env
 
 from .audit_support import (
     auditing,

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consumers.audit import AuditKeyError, signing_key, verifying_key
-from tokenbus.settings import AuditSettings
+from tokenbus.bus.settings import AuditSettings
 
 
 def test_sqlite_without_a_key_makes_one_next_to_the_store_readable_by_its_owner_only(

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consumers.audit import open_store
 from consumers.audit.witness import default_store_id, published
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.settings import KafkaSettings
 
 from .audit_support import (
     SyntheticLog,

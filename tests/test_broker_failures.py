@@ -30,9 +30,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from consumers.audit import EventRecord, open_store
 from producers import TokenbusClient
 from schemas import StreamEvent, TokenEvent, decode_event, is_terminal, partition_for
-from tokenbus.kafka import at_end, ensure_topics, new_consumer, partitions_of
-from tokenbus.kafka_cluster import KafkaCluster
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.kafka import at_end, ensure_topics, new_consumer, partitions_of
+from tokenbus.bus.kafka_cluster import KafkaCluster
+from tokenbus.bus.settings import KafkaSettings
 from workers import LoadedModel
 
 from .audit_support import auditing

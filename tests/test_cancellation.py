@@ -10,7 +10,7 @@ from httpx_sse import aconnect_sse
 
 from producers import TokenbusClient
 from schemas import FinishedEvent, FinishReason, StartedEvent, TokenEvent, decode_event
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.settings import KafkaSettings
 from workers import LoadedModel
 
 from .conftest import Stack, assert_complete, collect, serving, working

@@ -86,7 +86,7 @@ def test_audit_writes_to_the_postgres_service_once_it_is_healthy(compose: dict[s
 
 
 def test_analytics_serves_its_port_with_production_timeouts(compose: dict[str, Any]) -> None:
-    from tokenbus.settings import AnalyticsSettings
+    from tokenbus.bus.settings import AnalyticsSettings
 
     analytics = compose["services"]["analytics"]
     port = analytics["command"][analytics["command"].index("--port") + 1]

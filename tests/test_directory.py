@@ -11,13 +11,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from relay.directory import RequestDirectory
-from relay.log import LogReader, Submitted
 from schemas import GenerationRequest, encode, message_key, uuid7
-from tokenbus.access import Access, Caller
-from tokenbus.http import ApiError
-from tokenbus.kafka import new_producer
-from tokenbus.settings import KafkaSettings, ServerSettings
+from tokenbus.bus.kafka import new_producer
+from tokenbus.bus.log import LogReader, Submitted
+from tokenbus.bus.settings import KafkaSettings, ServerSettings
+from tokenbus.edge.access import Access, Caller
+from tokenbus.edge.directory import RequestDirectory
+from tokenbus.edge.errors import ApiError
 
 KEYS = {"key-acme": "acme", "key-globex": "globex"}
 ACME, GLOBEX = Caller("acme", "127.0.0.1"), Caller("globex", "127.0.0.1")

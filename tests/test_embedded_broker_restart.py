@@ -18,9 +18,9 @@ import pytest
 from producers import TokenbusClient
 from producers.submitter import Submitter
 from schemas import Cancel, uuid7
-from tokenbus.broker import EmbeddedBroker
-from tokenbus.kafka import ensure_topics
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.broker import EmbeddedBroker
+from tokenbus.bus.kafka import ensure_topics
+from tokenbus.bus.settings import KafkaSettings
 from workers.control import CancelWatcher
 
 from .conftest import ON_TANSU, assert_complete, collect, eventually, free_port, serving

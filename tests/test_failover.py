@@ -19,7 +19,7 @@ import pytest
 
 from producers import TokenbusClient
 from schemas import FinishedEvent, StartedEvent, StreamEvent, TokenEvent
-from tokenbus.settings import KafkaSettings, kafka_env
+from tokenbus.bus.settings import KafkaSettings, kafka_env
 from workers import LoadedModel
 
 from .conftest import assert_complete, generate_alone, serving, text_of
@@ -131,7 +131,7 @@ async def test_killed_worker_is_continued_without_gap_or_duplicate(
 async def raw_events(kafka: KafkaSettings, request_id: object) -> list[StreamEvent]:
     """Everything in the log for the request, fenced or not, in log order."""
     from schemas import decode_event, message_key
-    from tokenbus.kafka import at_end, new_consumer, partitions_of
+    from tokenbus.bus.kafka import at_end, new_consumer, partitions_of
 
     consumer = new_consumer(kafka, fetch_max_wait_ms=50)
     await consumer.start()

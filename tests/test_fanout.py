@@ -28,8 +28,8 @@ from schemas import (
     message_key,
     uuid7,
 )
-from tokenbus.kafka import new_producer
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.kafka import new_producer
+from tokenbus.bus.settings import KafkaSettings
 from workers.publisher import EventStream
 
 from .conftest import assert_complete, collect, eventually, serving

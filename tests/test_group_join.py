@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.settings import KafkaSettings
 from workers import LoadedModel, Worker
 
 from .conftest import eventually, working

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from schemas import uuid7
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.settings import KafkaSettings
 
 from .conftest import free_port, serving
 

@@ -9,7 +9,7 @@ import json
 
 import httpx
 
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.settings import KafkaSettings
 
 from .conftest import eventually, serving
 

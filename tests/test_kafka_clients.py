@@ -1,4 +1,4 @@
-"""The Kafka clients every part builds (`tokenbus.kafka`), on whichever broker the
+"""The Kafka clients every part builds (`tokenbus.bus.kafka`), on whichever broker the
 session runs: the idempotent producer where the broker grants a producer id, topics
 every broker serves once `ensure_topics` returns."""
 
@@ -10,8 +10,8 @@ import uuid
 import pytest
 from aiokafka.errors import KafkaError
 
-from tokenbus.kafka import ensure_topics, new_consumer, partitions_of, start_producer
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.kafka import ensure_topics, new_consumer, partitions_of, start_producer
+from tokenbus.bus.settings import KafkaSettings
 
 from .conftest import ON_TANSU, Broker
 

@@ -1,4 +1,4 @@
-"""The Apache Kafka test helper itself (`tokenbus.kafka_cluster`): what it hands the
+"""The Apache Kafka test helper itself (`tokenbus.bus.kafka_cluster`): what it hands the
 storage tool, and what a failed start leaves behind."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenbus.kafka_cluster import KafkaCluster, KafkaStartError, _cluster_id, free_port
+from tokenbus.bus.kafka_cluster import KafkaCluster, KafkaStartError, _cluster_id, free_port
 
 from .conftest import ON_TANSU
 

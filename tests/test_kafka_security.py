@@ -32,7 +32,7 @@ from pydantic import SecretStr, ValidationError
 from consumers.audit import open_store
 from producers import TokenbusClient
 from schemas import FinishedEvent, FinishReason, decode_event, is_terminal
-from tokenbus.kafka import (
+from tokenbus.bus.kafka import (
     KafkaSetupError,
     check_connection,
     client_options,
@@ -40,8 +40,8 @@ from tokenbus.kafka import (
     new_consumer,
     start_producer,
 )
-from tokenbus.kafka_cluster import KafkaCluster, Listener
-from tokenbus.settings import KafkaSettings, kafka_env
+from tokenbus.bus.kafka_cluster import KafkaCluster, Listener
+from tokenbus.bus.settings import KafkaSettings, kafka_env
 from workers import LoadedModel
 
 from .audit_support import auditing

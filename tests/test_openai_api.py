@@ -12,7 +12,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from schemas import FinishedEvent, FinishReason
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.settings import KafkaSettings
 
 from .conftest import Stack, assert_complete, collect, serving, text_of
 

@@ -16,8 +16,8 @@ from aiokafka import TopicPartition
 
 from producers import TokenbusClient
 from schemas import ErrorCode, FailedEvent, FinishedEvent, decode_request, message_key, uuid7
-from tokenbus.kafka import at_end, new_consumer, new_producer
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.kafka import at_end, new_consumer, new_producer
+from tokenbus.bus.settings import KafkaSettings
 from workers import LoadedModel
 from workers.engine import GenerationEngine, Step
 

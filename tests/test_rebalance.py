@@ -20,11 +20,10 @@ from schemas import (
     StreamEvent,
     TokenEvent,
     is_terminal,
-    partition_for,
     uuid7,
 )
-from tokenbus.kafka import new_consumer
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.kafka import new_consumer, partition_for
+from tokenbus.bus.settings import KafkaSettings
 from workers import LoadedModel
 from workers.assignor import StickyAssignor
 

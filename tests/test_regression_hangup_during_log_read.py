@@ -10,8 +10,8 @@ import gc
 
 import anyio
 
-from relay.log import LogReader
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.log import LogReader
+from tokenbus.bus.settings import KafkaSettings
 
 from .test_fanout import submit_only
 

@@ -25,11 +25,10 @@ from schemas import (
     decode_event,
     encode,
     message_key,
-    partition_for,
     uuid7,
 )
-from tokenbus.kafka import new_producer
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.kafka import new_producer, partition_for
+from tokenbus.bus.settings import KafkaSettings
 from workers import LoadedModel
 from workers.publisher import EventStream
 

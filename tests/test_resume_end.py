@@ -15,8 +15,8 @@ import pytest
 
 from producers import TokenbusClient, TokenbusError
 from schemas import FinishReason, GenerationRequest, Timings, Usage
-from tokenbus.kafka import new_producer
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.kafka import new_producer
+from tokenbus.bus.settings import KafkaSettings
 from workers.publisher import EventStream
 
 from .conftest import assert_complete, collect, serving

@@ -25,11 +25,11 @@ from schemas import (
     decode_event,
     decode_request,
     encode,
-    event_to_sse,
-    partition_for,
     uuid7,
     uuid7_unix_ms,
 )
+from tokenbus.bus.kafka import partition_for
+from tokenbus.edge.sse import event_to_sse
 
 NOW = datetime.now(UTC)
 

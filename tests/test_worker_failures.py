@@ -7,7 +7,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from schemas import ErrorCode, FailedEvent, FinishedEvent, FinishReason, message_key, uuid7
-from tokenbus.kafka import new_producer
+from tokenbus.bus.kafka import new_producer
 
 from .conftest import Stack, assert_complete, collect, eventually, text_of
 

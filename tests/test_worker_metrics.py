@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.audit.ingest import AuditStats
 from consumers.audit.metrics import serve_metrics as serve_audit_metrics
-from tokenbus.settings import AuditSettings, WorkerSettings
+from tokenbus.bus.settings import AuditSettings, WorkerSettings
 from workers import GenerationEngine, LoadedModel
 from workers.metrics import WorkerCollector, serve_metrics
 

@@ -16,8 +16,8 @@ import uuid
 from collections import OrderedDict
 
 from schemas import Cancel, MalformedMessage, decode_cancel
-from tokenbus.kafka import at_end, new_consumer, partitions_of, rewind_restarted
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.kafka import at_end, new_consumer, partitions_of, rewind_restarted
+from tokenbus.bus.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 

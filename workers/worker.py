@@ -34,7 +34,6 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.protocol.commit import OffsetCommitRequest
 from aiokafka.structs import ConsumerRecord
 
-from relay.log import LogReader
 from schemas import (
     ErrorCode,
     FinishReason,
@@ -50,8 +49,9 @@ from schemas import (
     message_key,
 )
 from schemas.requests import ANY_MODEL
-from tokenbus.kafka import new_consumer, start_producer
-from tokenbus.settings import KafkaSettings, WorkerSettings
+from tokenbus.bus.kafka import new_consumer, start_producer
+from tokenbus.bus.log import LogReader
+from tokenbus.bus.settings import KafkaSettings, WorkerSettings
 
 from .assignor import StickyAssignor
 from .control import CancelWatcher

@@ -31,8 +31,8 @@ from faust.web import Request, Response, View
 from prometheus_client import generate_latest
 
 from schemas import MalformedMessage, decode_event, decode_request
-from tokenbus.kafka import ssl_context
-from tokenbus.settings import AnalyticsSettings, KafkaSettings
+from tokenbus.bus.kafka import ssl_context
+from tokenbus.bus.settings import AnalyticsSettings, KafkaSettings
 
 from .metrics import AnalyticsMetrics
 from .timings import RequestSummary
@@ -179,7 +179,7 @@ def _faust_app(kafka: KafkaSettings, settings: AnalyticsSettings) -> faust.App:
 
 
 def broker_credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
-    """The security settings every tokenbus client uses (`tokenbus.kafka.client_options`),
+    """The security settings every tokenbus client uses (`tokenbus.bus.kafka.client_options`),
     in Faust's words; its transport turns them back into the same aiokafka options
     for its consumer, producer and admin client."""
     if kafka.uses_sasl:

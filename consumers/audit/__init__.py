@@ -1,6 +1,7 @@
 """The audit consumer and its tools: every request and event of the bus in an
 append-only, hash-chained store with signed checkpoints (see docs/audit.md)."""
 
+from .backends import open_store
 from .chain import GENESIS, CheckpointBody, Leaf, event_hash, request_digest
 from .checkpoints import Checkpointer
 from .consumer import AuditConsumer
@@ -8,7 +9,7 @@ from .ingest import AuditStats, Ingest, StreamStates
 from .keys import AuditKeyError, signing_key, verifying_key
 from .records import Batch, Checkpoint, EventRecord, RequestRecord, StreamState
 from .reports import export_jsonl, show
-from .store import AuditStore, StoreError, open_store
+from .store import AuditStore, StoreError
 from .verify import Finding, Report, verify
 
 __all__ = [

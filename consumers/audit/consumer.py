@@ -23,8 +23,8 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tokenbus.kafka import ensure_topics, new_consumer, partitions_of, rewind_restarted
-from tokenbus.settings import AuditSettings, KafkaSettings
+from tokenbus.bus.kafka import ensure_topics, new_consumer, partitions_of, rewind_restarted
+from tokenbus.bus.settings import AuditSettings, KafkaSettings
 
 from .checkpoints import Checkpointer
 from .ingest import AuditStats, Ingest, StreamStates

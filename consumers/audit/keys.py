@@ -18,9 +18,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from tokenbus.settings import AuditSettings
+from tokenbus.bus.settings import AuditSettings
 
-from .store import sqlite_path
+from .backends import sqlite_path
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from urllib.parse import urlsplit
 
 import psycopg
 
-from .store import AuditStore, StoreError
+from .store import ConnectedStore, StoreError
 
 
-class PostgresStore(AuditStore):
+class PostgresStore(ConnectedStore["psycopg.Connection[tuple[Any, ...]]"]):
     _blob = "BYTEA"
     _append_only = (
         "CREATE OR REPLACE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS"
@@ -27,7 +27,6 @@ class PostgresStore(AuditStore):
 
     def __init__(self, *, url: str) -> None:
         self.url = url
-        self._db: psycopg.Connection[tuple[Any, ...]] | None = None
 
     @property
     def description(self) -> str:
@@ -43,17 +42,6 @@ class PostgresStore(AuditStore):
                 f"cannot connect to the audit store {self.description}: {exc}".strip()
             ) from exc
         self._create_tables()
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
-    @property
-    def _conn(self) -> psycopg.Connection[tuple[Any, ...]]:
-        if self._db is None:
-            raise StoreError("the audit store is not open: call open() first")
-        return self._db
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

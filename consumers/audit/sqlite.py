@@ -8,10 +8,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .store import AuditStore, StoreError
+from .store import ConnectedStore, StoreError
 
 
-class SqliteStore(AuditStore):
+class SqliteStore(ConnectedStore["sqlite3.Connection"]):
     """WAL with ``synchronous=NORMAL``: a power cut may lose the last few committed
     batches, but their offsets go with them, so they are read from Kafka again."""
 
@@ -24,7 +24,6 @@ class SqliteStore(AuditStore):
     def __init__(self, *, path: Path, create: bool = True) -> None:
         self.path = path.expanduser()
         self._create = create
-        self._db: sqlite3.Connection | None = None
 
     @property
     def description(self) -> str:
@@ -46,17 +45,6 @@ class SqliteStore(AuditStore):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the audit store {self.path}: {exc}") from exc
         self._create_tables()
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
-    @property
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise StoreError("the audit store is not open: call open() first")
-        return self._db
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -17,9 +17,8 @@ import abc
 import contextlib
 import uuid
 from collections.abc import Collection, Sequence
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 from .chain import CheckpointBody, Leaf
 from .records import Batch, Checkpoint, EventRecord, Position, RequestRecord, StreamState
@@ -340,19 +339,25 @@ def _checkpoint(row: tuple[Any, ...]) -> Checkpoint:
     return Checkpoint(body, bytes(hash_), bytes(signature), bytes(public_key))
 
 
-def open_store(url: str, *, create: bool = True) -> AuditStore:
-    """The store at ``url`` (not yet opened): PostgreSQL for ``postgresql://``, else SQLite.
-
-    ``create=False`` (the tools): a SQLite file that does not exist is an error, not
-    a new empty store."""
-    if url.startswith(("postgresql://", "postgres://")):
-        from .postgres import PostgresStore
-
-        return PostgresStore(url=url)
-    from .sqlite import SqliteStore
-
-    return SqliteStore(path=sqlite_path(url), create=create)
+class _Connection(Protocol):
+    def close(self) -> None: ...
 
 
-def sqlite_path(url: str) -> Path:
-    return Path(url.removeprefix("sqlite://")) if url.startswith("sqlite://") else Path(url)
+_C = TypeVar("_C", bound=_Connection)
+
+
+class ConnectedStore(AuditStore, Generic[_C]):
+    """A store over one DB-API connection: what SQLite and PostgreSQL share."""
+
+    _db: _C | None = None
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def _conn(self) -> _C:
+        if self._db is None:
+            raise StoreError("the audit store is not open: call open() first")
+        return self._db

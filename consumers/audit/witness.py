@@ -22,8 +22,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from tokenbus.kafka import at_end, new_consumer, partitions_of, start_producer
-from tokenbus.settings import KafkaSettings
+from tokenbus.bus.kafka import at_end, new_consumer, partitions_of, start_producer
+from tokenbus.bus.settings import KafkaSettings
 
 from .chain import CheckpointBody
 from .keys import signature_valid

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +17,10 @@ from aiokafka.errors import (
     UnknownError,
     UnsupportedVersionError,
 )
+from aiokafka.partitioner import murmur2
 from aiokafka.protocol.metadata import MetadataRequest
+
+from schemas import message_key
 
 from .kafka_connection import KafkaSetupError, check_connection, client_options, ssl_context
 from .settings import KafkaSettings
@@ -203,6 +207,13 @@ async def _known_everywhere(admin: AIOKafkaAdminClient, topics: list[str]) -> bo
 
 class TopicMissing(KafkaError):  # type: ignore[misc]
     """A topic tokenbus reads does not exist; `tokenbus topics` creates it."""
+
+
+def partition_for(request_id: uuid.UUID, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as in the Java client and
+    aiokafka) puts a request's messages on. Requests and tokens have the same count,
+    so a request and its tokens share a partition index."""
+    return (int(murmur2(message_key(request_id))) & 0x7FFFFFFF) % partitions
 
 
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from schemas import GenerationRequest
-from tokenbus.access import Access, Caller
-from tokenbus.http import ApiError
+from tokenbus.bus.log import LogReader, LogReadTimeout, Submitted
 
-from .log import LogReader, LogReadTimeout, Submitted
+from .access import Access, Caller
+from .errors import ApiError
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,13 +14,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import AwareDatetime, ConfigDict, Field, field_validator
 
-from relay.directory import RequestDirectory
+from producers.submitter import BrokerUnavailable, Submitter
 from schemas import Cancel, GenerationRequest, PromptInput, SamplingParams, uuid7
 from schemas.requests import ANY_MODEL, ModelName, check_metadata
-from tokenbus.access import Access, Caller
-from tokenbus.http import ApiError, client_address, json_body, parse_request_id
 
-from .submitter import BrokerUnavailable, Submitter
+from .access import Access, Caller
+from .directory import RequestDirectory
+from .errors import ApiError, client_address, json_body, parse_request_id
 
 router = APIRouter()
 

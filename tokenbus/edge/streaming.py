@@ -22,7 +22,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from producers.submitter import BrokerUnavailable, Submitter
 from schemas import Cancel
-from tokenbus.access import Access, Caller
+
+from .access import Access, Caller
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .http import error_response
-from .settings import ServerSettings
+from tokenbus.bus.settings import ServerSettings
+
+from .errors import error_response
 
 if TYPE_CHECKING:
     import uvicorn

@@ -27,15 +27,16 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from schemas import StreamEvent, error_to_sse, event_to_sse, is_terminal
-from tokenbus.access import Access
-from tokenbus.http import ApiError, client_address, parse_request_id
+from relay.hub import StreamHub
+from relay.subscription import ResumedPastEnd, StreamTruncated, subscribe
+from schemas import StreamEvent, is_terminal
+from tokenbus.bus.log import LogReader, LogReadTimeout
 
+from .access import Access
 from .directory import RequestDirectory
-from .hub import StreamHub
-from .log import LogReader, LogReadTimeout
+from .errors import ApiError, client_address, parse_request_id
+from .sse import error_to_sse, event_to_sse
 from .streaming import open_stream, stream_response
-from .subscription import ResumedPastEnd, StreamTruncated, subscribe
 
 log = logging.getLogger(__name__)
 router = APIRouter()

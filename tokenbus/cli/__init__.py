@@ -15,8 +15,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from .children import die_with_parent
-from .settings import (
+from tokenbus.bus.children import die_with_parent
+from tokenbus.bus.settings import (
     AuditSettings,
     ClientSettings,
     KafkaSettings,
@@ -79,7 +79,7 @@ def _setting_error(error: Any) -> str:
 def _check_kafka(kafka: KafkaSettings) -> None:
     """Fail at start, in one line, if the broker refuses these settings (a wrong
     password, an untrusted certificate) rather than retry them forever."""
-    from .kafka import KafkaSetupError, check_connection
+    from tokenbus.bus.kafka import KafkaSetupError, check_connection
 
     try:
         asyncio.run(check_connection(kafka))
@@ -100,7 +100,7 @@ def _given(**flags: Any) -> dict[str, Any]:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from .broker import EmbeddedBroker
+    from tokenbus.bus.broker import EmbeddedBroker
 
     kafka = _kafka_settings(**_given(broker_port=args.broker_port))
     server = ServerSettings(**_given(port=args.port, host=args.host))
@@ -126,7 +126,7 @@ async def _run_stack(
     """Topics, a worker, the audit and analytics consumers and the HTTP server, until
     Ctrl-C or until the worker or the audit consumer dies (then everything stops: a
     stack without a worker only queues, and one without its audit keeps no record)."""
-    from .kafka import ensure_topics
+    from tokenbus.bus.kafka import ensure_topics
 
     await ensure_topics(kafka)
     # The worker says on this pipe when it serves (loading the model takes seconds),
@@ -167,7 +167,7 @@ async def _run_stack(
 
 async def _start_analytics(kafka: KafkaSettings) -> asyncio.subprocess.Process:
     """`up`'s analytics consumer. Not essential: if it stops, the stack goes on."""
-    from .settings import AnalyticsSettings
+    from tokenbus.bus.settings import AnalyticsSettings
 
     settings = AnalyticsSettings()
     log.info("analytics on http://%s:%d/summary", settings.analytics_host, settings.analytics_port)
@@ -188,8 +188,8 @@ async def _stop_child(child: asyncio.subprocess.Process, timeout_s: float = 15) 
 
 
 def _broker(args: argparse.Namespace) -> int:
-    from .broker import EmbeddedBroker
-    from .kafka import ensure_topics
+    from tokenbus.bus.broker import EmbeddedBroker
+    from tokenbus.bus.kafka import ensure_topics
 
     kafka = _kafka_settings(**_given(broker_port=args.broker_port))
     with EmbeddedBroker(port=kafka.broker_port, quiet=False) as broker:
@@ -200,7 +200,7 @@ def _broker(args: argparse.Namespace) -> int:
 
 
 def _topics(args: argparse.Namespace) -> int:
-    from .kafka import ensure_topics
+    from tokenbus.bus.kafka import ensure_topics
 
     kafka = _kafka_settings()
     _check_kafka(kafka)
@@ -226,9 +226,9 @@ async def _serve(kafka: KafkaSettings, server: ServerSettings) -> None:
 def _start_server(kafka: KafkaSettings, server: ServerSettings) -> tuple[asyncio.Task[None], Any]:
     import uvicorn
 
-    from .access import AccessConfigError
-    from .edge import server_config
-    from .server import create_app
+    from tokenbus.edge.access import AccessConfigError
+    from tokenbus.edge.app import create_app
+    from tokenbus.edge.limits import server_config
 
     try:
         app = create_app(kafka=kafka, settings=server)  # enforces the access rules
@@ -491,8 +491,7 @@ def _when(text: str) -> datetime:
 
 def _analytics(args: argparse.Namespace) -> int:
     from consumers.analytics import Analytics
-
-    from .settings import AnalyticsSettings
+    from tokenbus.bus.settings import AnalyticsSettings
 
     settings = AnalyticsSettings(**_given(analytics_port=args.port, analytics_host=args.host))
     kafka = _kafka_settings()

@@ -19,19 +19,19 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from producers.api import router as submit_router
-from producers.openai_api import router as openai_router
 from producers.submitter import Submitter
-from relay.directory import RequestDirectory
 from relay.hub import StreamHub
-from relay.log import LogReader
-from relay.routes import router as relay_router
+from tokenbus import __version__
+from tokenbus.bus.log import LogReader
+from tokenbus.bus.settings import KafkaSettings, ServerSettings
 
-from . import __version__
 from .access import Access
-from .edge import BodyLimits
-from .http import client_address, error_response, install_error_handlers
-from .settings import KafkaSettings, ServerSettings
+from .directory import RequestDirectory
+from .errors import client_address, error_response, install_error_handlers
+from .limits import BodyLimits
+from .openai_routes import router as openai_router
+from .stream_routes import router as relay_router
+from .submit_routes import router as submit_router
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
-        return resources.files("relay").joinpath("static/index.html").read_text()
+        return resources.files("tokenbus.edge").joinpath("static/index.html").read_text()
 
     return app
 

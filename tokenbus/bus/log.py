@@ -6,7 +6,7 @@ on one known partition). A read seeks that partition to the timestamp (minus the
 allowed clock skew) with ListOffsets-by-time, then scans forward keeping only the
 request's messages.
 
-Where the log ends is taken from the fetch high-watermark (see `tokenbus.kafka.at_end`).
+Where the log ends is taken from the fetch high-watermark (see `tokenbus.bus.kafka.at_end`).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from schemas import (
     decode_request,
     is_terminal,
     message_key,
-    partition_for,
     uuid7_unix_ms,
 )
-from tokenbus.kafka import at_end, new_consumer, partitions_of
-from tokenbus.settings import KafkaSettings
+
+from .kafka import at_end, new_consumer, partition_for, partitions_of
+from .settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 

@@ -65,11 +65,13 @@ def json_body(
     return parse
 
 
-def describe(errors: list[ErrorDetails]) -> str:
+def describe(errors: list[ErrorDetails], *, root: str = "body") -> str:
+    """Validation errors as one line, "where: what; …"; ``root`` names an error that
+    has no location (a request body is "body"; "" leaves only the message)."""
     problems = []
     for error in errors:
-        where = ".".join(str(p) for p in error["loc"] if p != "body") or "body"
-        problems.append(f"{where}: {error['msg']}")
+        where = ".".join(str(p) for p in error["loc"] if p != "body") or root
+        problems.append(f"{where}: {error['msg']}" if where else str(error["msg"]))
     return "; ".join(problems)
 
 

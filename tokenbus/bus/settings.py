@@ -43,7 +43,7 @@ class KafkaSettings(_Settings):
     request_timeout_ms: int = Field(default=10_000, ge=100)
     client_id: str = "tokenbus"
 
-    # Secure connections, for every Kafka client tokenbus makes (see tokenbus.kafka).
+    # Secure connections, for every Kafka client tokenbus makes (see tokenbus.bus.kafka).
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         default="PLAINTEXT", description="how clients talk to the broker's listener"
     )
@@ -177,7 +177,7 @@ class ServerSettings(_Settings):
     # unset, any valid API key does (none is needed only when there are no keys).
     metrics_key: SecretStr | None = Field(default=None, description="the key /metrics asks for")
 
-    # What a client may take before the app sees its request (tokenbus.edge).
+    # What a client may take before the app sees its request (tokenbus.edge.limits).
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1, description="larger request bodies are refused (413)"
     )

@@ -23,7 +23,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from relay.streaming import open_stream, stream_response
 from relay.subscription import subscribe
 from schemas import (
     ErrorCode,
@@ -38,10 +37,11 @@ from schemas import (
     uuid7,
 )
 from schemas.requests import ANY_MODEL, MAX_PROMPT_CHARS, ChatMessage
-from tokenbus.access import Caller
-from tokenbus.http import ApiError, json_body
 
-from .api import accept, caller
+from .access import Caller
+from .errors import ApiError, describe, json_body
+from .streaming import open_stream, stream_response
+from .submit_routes import accept, caller
 
 router = APIRouter()
 
@@ -333,9 +333,7 @@ def _data(payload: dict[str, Any]) -> ServerSentEvent:
 
 
 def _first_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(p) for p in error["loc"])
-    return f"{where}: {error['msg']}" if where else str(error["msg"])
+    return describe(exc.errors()[:1], root="")
 
 
 def _invalid(message: str, param: str | None = None) -> ApiError:

@@ -25,8 +25,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .http import ApiError
-from .settings import ServerSettings
+from tokenbus.bus.settings import ServerSettings
+
+from .errors import ApiError
 
 ANONYMOUS_TENANT = "default"
 
