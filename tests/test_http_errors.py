@@ -102,6 +102,9 @@ async def test_unreachable_broker_gives_503_and_accepts_nothing() -> None:
         resp = await http.post("/v1/requests", json={"messages": CHAT})
         assert resp.status_code == 503
         assert "broker" in reason(resp) and resp.headers["retry-after"]
+        assert resp.json()["error"]["code"] == "broker_unavailable"
+        chat = await http.post("/v1/chat/completions", json={"messages": CHAT})
+        assert chat.status_code == 503 and chat.json()["error"]["type"] == "server_error"
         ready = await http.get("/readyz")
         assert ready.status_code == 503
         assert (await http.get("/healthz")).status_code == 200

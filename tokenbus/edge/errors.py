@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 from starlette.exceptions import HTTPException
 
+from producers.submitter import BrokerUnavailable
 from schemas.ids import is_uuid7
 
 
@@ -137,7 +138,13 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status_code, "http_error", str(exc.detail), dict(exc.headers or {})
         )
 
+    async def broker_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # The broker did not acknowledge a request or a cancel in time: nothing the
+        # client did wrong, and worth trying again.
+        return error_response(503, "broker_unavailable", str(exc), {"Retry-After": "5"})
+
     app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(BrokerUnavailable, broker_unavailable)
     app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(ValidationError, invalid_value)
     app.add_exception_handler(HTTPException, http_error)

@@ -14,13 +14,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import AwareDatetime, ConfigDict, Field, field_validator
 
-from producers.submitter import BrokerUnavailable, Submitter
+from producers.submitter import Submitter
 from schemas import Cancel, GenerationRequest, PromptInput, SamplingParams, uuid7
 from schemas.requests import ANY_MODEL, ModelName, check_metadata
 
 from .access import Access, Caller
 from .directory import RequestDirectory
-from .errors import ApiError, client_address, json_body, parse_request_id
+from .errors import client_address, json_body, parse_request_id
 
 router = APIRouter()
 
@@ -74,10 +74,7 @@ async def accept(request: Request, caller: Caller, generation: GenerationRequest
     state = request.state
     state.access.admit_submission(caller)
     submitter: Submitter = state.submitter
-    try:
-        await submitter.submit(generation)
-    except BrokerUnavailable as exc:
-        raise ApiError(503, "broker_unavailable", str(exc), {"Retry-After": "5"}) from exc
+    await submitter.submit(generation)  # BrokerUnavailable: a 503 (errors.py)
     directory: RequestDirectory = state.directory
     directory.remember(generation)
 
@@ -111,9 +108,6 @@ async def cancel_request(
     directory: RequestDirectory = request.state.directory
     await directory.owned(rid, caller)
     submitter: Submitter = request.state.submitter
-    try:
-        await submitter.cancel(Cancel(request_id=rid, reason="cancelled by client",
-                                      ts=datetime.now(UTC)))  # fmt: skip
-    except BrokerUnavailable as exc:
-        raise ApiError(503, "broker_unavailable", str(exc), {"Retry-After": "5"}) from exc
+    await submitter.cancel(Cancel(request_id=rid, reason="cancelled by client",
+                                  ts=datetime.now(UTC)))  # fmt: skip
     return {"request_id": str(rid), "status": "cancelling"}
