@@ -101,7 +101,6 @@ def _audit_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
     export = audits.add_parser("export", help="records as JSON lines, by submission time")
     export.add_argument("--since", type=audit.when, help="ISO date or time (UTC unless given)")
     export.add_argument("--until", type=audit.when, help="ISO date or time, exclusive")
-    export.add_argument("--format", choices=["jsonl"], default="jsonl")
     export.set_defaults(run=audit.export)
     audits.add_parser("keygen", help="print a new signing key pair").set_defaults(run=audit.keygen)
     for sub in (run, verify, show, export):
