@@ -2,9 +2,11 @@
 
 One module per concern: `stack` (``up``, the supervisor of the rest), `broker`
 (the embedded broker, the topics), `serve`, `worker`, `analytics`, `audit`,
-`client` (submit, stream, replay) and `parser`. A command imports what it runs
-(torch, Faust, the audit store, the HTTP app) when it runs, never at module level:
-``tokenbus --help`` and the client commands stay fast.
+`client` (submit, stream, replay) and `parser`; `settings` (flags, the
+environment, `SetupError`) and `interrupts` (Ctrl-C, SIGTERM) are what they share.
+A command imports what it runs (torch, Faust, the audit store, the HTTP app) when
+it runs, never at module level: ``tokenbus --help`` and the client commands stay
+fast.
 """
 
 from __future__ import annotations
