@@ -7,14 +7,13 @@ from .events import (
     FinishReason,
     StartedEvent,
     StreamEvent,
-    TerminalEvent,
     Timings,
     TokenEvent,
     Usage,
     is_terminal,
 )
 from .fencing import StreamView
-from .ids import uuid7, uuid7_datetime, uuid7_unix_ms
+from .ids import uuid7, uuid7_unix_ms
 from .requests import (
     DEFAULT_MODEL,
     SCHEMA_VERSION,
@@ -49,7 +48,6 @@ __all__ = [
     "StartedEvent",
     "StreamEvent",
     "StreamView",
-    "TerminalEvent",
     "Timings",
     "TokenEvent",
     "Topics",
@@ -61,6 +59,5 @@ __all__ = [
     "is_terminal",
     "message_key",
     "uuid7",
-    "uuid7_datetime",
     "uuid7_unix_ms",
 ]

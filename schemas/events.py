@@ -93,7 +93,6 @@ class FailedEvent(_Event):
 StreamEvent = Annotated[
     StartedEvent | TokenEvent | FinishedEvent | FailedEvent, Field(discriminator="type")
 ]
-TerminalEvent = FinishedEvent | FailedEvent
 
 
 def is_terminal(event: StreamEvent) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from datetime import UTC, datetime
 
 
 def uuid7(unix_ms: int | None = None) -> uuid.UUID:
@@ -30,7 +29,3 @@ def is_uuid7(value: uuid.UUID) -> bool:
 def uuid7_unix_ms(value: uuid.UUID) -> int:
     """The millisecond timestamp a UUIDv7 was minted at."""
     return value.int >> 80
-
-
-def uuid7_datetime(value: uuid.UUID) -> datetime:
-    return datetime.fromtimestamp(uuid7_unix_ms(value) / 1000, tz=UTC)

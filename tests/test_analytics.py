@@ -5,11 +5,8 @@ the events themselves."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
 import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -42,7 +39,8 @@ from tokenbus.bus.kafka import new_producer
 from tokenbus.bus.settings import KafkaSettings
 from workers import LoadedModel
 
-from .conftest import eventually, free_port, serving, working
+from .analytics_support import analytics_process
+from .conftest import eventually, serving, working
 
 pytestmark = pytest.mark.broker_behaviour
 
@@ -82,48 +80,14 @@ def _labels(labels: dict[str, str]) -> str:
 async def running_analytics(kafka: KafkaSettings, log_path: Path) -> AsyncIterator[Analytics]:
     """`tokenbus analytics` in a child process, ready (joined) when yielded; stopped
     with SIGINT, as Ctrl-C does, and required to exit cleanly."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENBUS_", "KAFKA_"))}
-    env |= {
-        "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
-        "TOKENBUS_TOPIC_PREFIX": kafka.topic_prefix,
-        "TOKENBUS_PARTITIONS": str(kafka.partitions),
-        "TOKENBUS_ANALYTICS_PORT": str(port),
-    }
-    with log_path.open("ab") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tokenbus", "analytics", env=env,
-            stdout=log_file, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-
-            async def ready() -> bool:
-                if process.returncode is not None:
-                    return True
-                with contextlib.suppress(httpx.TransportError):
-                    return (await http.get("/readyz")).status_code == 200
-                return False
-
-            await eventually(ready, within=30)
-            assert process.returncode is None, tail(log_path)
-            yield Analytics(url=url, http=http)
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                async with asyncio.timeout(20):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-                pytest.fail("analytics did not stop on SIGINT within 20 s")
-    assert process.returncode == 0, tail(log_path)
-
-
-def tail(log_path: Path) -> str:
-    return log_path.read_text(errors="replace")[-4000:]
+    async with (
+        analytics_process(kafka, log_path, ready_within=30, stop=signal.SIGINT) as child,
+        httpx.AsyncClient(base_url=child.url, timeout=10) as http,
+    ):
+        yield Analytics(url=child.url, http=http)
+    if child.killed:
+        pytest.fail("analytics did not stop on SIGINT within 20 s")
+    assert child.process.returncode == 0, child.log_tail()
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ def store_path(tmp_path: Path) -> Path:
 def test_export_since_gives_later_requests_as_json_lines_with_hashes(
     store_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["audit", "export", "--store", str(store_path), "--format", "jsonl"]
+    args = ["audit", "export", "--store", str(store_path)]
     assert main([*args, "--since", "2025-11-22"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 

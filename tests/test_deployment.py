@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tokenbus.cli import _parser
+from tokenbus.cli.parser import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ def test_every_tokenbus_service_runs_an_existing_command(compose: dict[str, Any]
     assert {"relay", "worker", "topics", "audit", "analytics"} <= set(services)
     for name, service in services.items():
         try:
-            _parser().parse_args(service["command"][1:])
+            build_parser().parse_args(service["command"][1:])
         except SystemExit:
             pytest.fail(
                 f"service {name}: `{' '.join(service['command'])}` is not a tokenbus command"

@@ -3,31 +3,23 @@ Kafka with a SASL_SSL listener: a CA made here signs the broker's certificate,
 alice has a PLAIN password and SCRAM credentials. Every part of tokenbus talks to
 it (topics, API, relay, worker and its cancel reader, audit, analytics), and the
 settings it refuses (a wrong password, an untrusted CA, the wrong protocol) are
-one line naming the setting, at once."""
+one line naming the setting, at once. The settings checked without a broker are in
+test_kafka_security_settings.py."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import datetime as dt
-import ipaddress
-import os
-import subprocess
-import sys
+import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
 from consumers.audit import open_store
 from producers import TokenbusClient
@@ -35,7 +27,6 @@ from schemas import FinishedEvent, FinishReason, decode_event, is_terminal
 from tokenbus.bus.kafka import (
     KafkaSetupError,
     check_connection,
-    client_options,
     ensure_topics,
     new_consumer,
     start_producer,
@@ -44,131 +35,21 @@ from tokenbus.bus.kafka_cluster import KafkaCluster, Listener
 from tokenbus.bus.settings import KafkaSettings, kafka_env
 from workers import LoadedModel
 
+from .analytics_support import analytics_process
 from .audit_support import auditing
 from .conftest import ON_TANSU, assert_complete, collect, eventually, free_port, serving, working
+from .kafka_security_support import (
+    CLIENT_KEY_PASSWORD,
+    PASSWORD,
+    USER,
+    Certificates,
+    make_certificates,
+    run_tokenbus,
+)
 
-USER, PASSWORD = "alice", "alice-secret"
-CLIENT_KEY_PASSWORD = "client-key-secret"
 on_kafka = pytest.mark.skipif(
     ON_TANSU, reason="TLS and SASL are Apache Kafka's listeners; Tansu has neither"
 )
-
-
-# -- certificates ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Certificates:
-    ca: Path  # the CA that signed the broker's certificate (PEM)
-    other_ca: Path  # a CA that signed nothing the broker has
-    broker_keystore: Path  # the broker's PKCS#8 key and certificate chain (PEM)
-    client_cert: Path  # a client certificate the CA signed (PEM)
-    client_key: Path  # its key, encrypted with CLIENT_KEY_PASSWORD (PEM, PKCS#8)
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _ca(common_name: str) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _signed(
-    ca_key: rsa.RSAPrivateKey,
-    ca_cert: x509.Certificate,
-    common_name: str,
-    usage: x509.ObjectIdentifier,
-    names: list[x509.GeneralName],
-) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-    )
-    if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return key, builder.sign(ca_key, hashes.SHA256())
-
-
-def _key_pem(key: rsa.RSAPrivateKey, password: str | None = None) -> bytes:
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(password.encode())
-        if password is not None
-        else serialization.NoEncryption()
-    )
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-    )
-
-
-def make_certificates(directory: Path) -> Certificates:
-    ca_key, ca_cert = _ca("tokenbus test CA")
-    _, other_cert = _ca("a CA the broker never heard of")
-    broker_names: list[x509.GeneralName] = [
-        x509.DNSName("localhost"),
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-    ]
-    key, cert = _signed(ca_key, ca_cert, "localhost", ExtendedKeyUsageOID.SERVER_AUTH, broker_names)
-    client_key, client_cert = _signed(
-        ca_key, ca_cert, "tokenbus", ExtendedKeyUsageOID.CLIENT_AUTH, []
-    )
-    paths = Certificates(
-        ca=directory / "ca.pem",
-        other_ca=directory / "other-ca.pem",
-        broker_keystore=directory / "broker.pem",
-        client_cert=directory / "client.pem",
-        client_key=directory / "client-key.pem",
-    )
-    paths.ca.write_bytes(_pem(ca_cert))
-    paths.other_ca.write_bytes(_pem(other_cert))
-    paths.broker_keystore.write_bytes(_key_pem(key) + _pem(cert) + _pem(ca_cert))
-    paths.client_cert.write_bytes(_pem(client_cert))
-    paths.client_key.write_bytes(_key_pem(client_key, CLIENT_KEY_PASSWORD))
-    return paths
 
 
 # -- the cluster ----------------------------------------------------------------
@@ -262,47 +143,6 @@ async def secure(secure_kafka: SecureKafka) -> KafkaSettings:
 # -- every part over SASL_SSL -----------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def analytics_process(kafka: KafkaSettings, log_path: Path) -> AsyncIterator[str]:
-    """`tokenbus analytics` in a child process given these settings the way `up`
-    gives them (`kafka_env`); yields its URL once its group is joined."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENBUS_", "KAFKA_"))}
-    env |= kafka_env(kafka) | {"TOKENBUS_ANALYTICS_PORT": str(port)}
-    with log_path.open("ab") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tokenbus", "analytics", env=env,
-            stdout=log_file, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-
-            async def joined() -> bool:
-                if process.returncode is not None:
-                    return True
-                with contextlib.suppress(httpx.TransportError):
-                    return (await http.get("/readyz")).status_code == 200
-                return False
-
-            await eventually(joined, within=60)
-            assert process.returncode is None, _tail(log_path)
-            yield url
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                async with asyncio.timeout(20):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
-
-def _tail(log_path: Path) -> str:
-    return log_path.read_text(errors="replace")[-4000:]
-
-
 @on_kafka
 async def test_every_part_works_over_sasl_ssl_with_scram(
     secure: KafkaSettings, smollm: LoadedModel, tmp_path: Path
@@ -313,7 +153,9 @@ async def test_every_part_works_over_sasl_ssl_with_scram(
     store = str(tmp_path / "audit.db")
     key = Ed25519PrivateKey.generate()
     async with (
-        analytics_process(secure, tmp_path / "analytics.log") as analytics_url,
+        analytics_process(
+            secure, tmp_path / "analytics.log", ready_within=60, stop=signal.SIGTERM
+        ) as analytics,
         serving(secure) as (url, http),
         TokenbusClient(url) as client,
         auditing(secure, store, key),
@@ -340,10 +182,10 @@ async def test_every_part_works_over_sasl_ssl_with_scram(
             await eventually(audited, within=30)
             assert [decode_event(r.value) for r in reader.events(submission.request_id)] == events
 
-        async with httpx.AsyncClient(base_url=analytics_url, timeout=10) as analytics:
+        async with httpx.AsyncClient(base_url=analytics.url, timeout=10) as summaries:
 
             async def counted() -> bool:
-                summary = (await analytics.get("/summary")).json()
+                summary = (await summaries.get("/summary")).json()
                 return sum(row["requests"] for row in summary["by_model"]) >= 1
 
             await eventually(counted, within=30)
@@ -494,138 +336,10 @@ def test_each_command_prints_one_line_and_exits_for_a_wrong_password(
         "TOKENBUS_PORT": str(free_port()),
         "TOKENBUS_ANALYTICS_PORT": str(free_port()),
     }
-    result = _tokenbus(*command.split(), env=env, timeout=120)
+    result = run_tokenbus(*command.split(), env=env, timeout=120)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     name = command.split()[0]
     assert lines[0].startswith(f"tokenbus {name}: TOKENBUS_KAFKA_SASL_USERNAME/PASSWORD: ")
     assert result.stdout == ""
-
-
-def _tokenbus(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENBUS_", "KAFKA_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "tokenbus", *args],
-        env=clean | env, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
-
-
-# -- settings alone (no broker) -------------------------------------------------------
-
-
-def test_sasl_needs_a_username_and_a_password(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="needs TOKENBUS_KAFKA_SASL_PASSWORD"):
-        KafkaSettings(kafka_security_protocol="SASL_SSL", kafka_sasl_username=USER)
-    with pytest.raises(ValidationError, match="TOKENBUS_KAFKA_SASL_USERNAME and TOKENBUS_KAFKA_"):
-        KafkaSettings(kafka_security_protocol="SASL_PLAINTEXT")
-
-
-def test_security_settings_beside_a_protocol_that_ignores_them_are_refused(
-    tmp_path: Path,
-) -> None:
-    ca = tmp_path / "ca.pem"
-    ca.write_text("")
-    with pytest.raises(ValidationError, match="TOKENBUS_KAFKA_SSL_CAFILE set but"):
-        KafkaSettings(kafka_ssl_cafile=ca)
-    with pytest.raises(ValidationError, match="does not use SASL"):
-        KafkaSettings(
-            kafka_security_protocol="SSL", kafka_sasl_username=USER, kafka_sasl_password="x"
-        )
-
-
-def test_a_missing_ca_file_names_the_setting(tmp_path: Path) -> None:
-    with pytest.raises(
-        ValidationError, match=r"TOKENBUS_KAFKA_SSL_CAFILE: cannot read .*nope\.pem"
-    ):
-        KafkaSettings(kafka_security_protocol="SSL", kafka_ssl_cafile=tmp_path / "nope.pem")
-
-
-def test_a_ca_file_that_is_no_certificate_names_the_setting(tmp_path: Path) -> None:
-    ca = tmp_path / "ca.pem"
-    ca.write_text("not a certificate\n")
-    kafka = KafkaSettings(kafka_security_protocol="SSL", kafka_ssl_cafile=ca)
-    with pytest.raises(KafkaSetupError, match=r"TOKENBUS_KAFKA_SSL_CAFILE: .* no usable PEM"):
-        client_options(kafka)
-
-
-def test_a_wrong_key_password_names_the_settings(tmp_path: Path) -> None:
-    certificates = make_certificates(tmp_path)
-    kafka = KafkaSettings(
-        kafka_security_protocol="SSL",
-        kafka_ssl_certfile=certificates.client_cert,
-        kafka_ssl_keyfile=certificates.client_key,
-        kafka_ssl_key_password=SecretStr("not-the-key-password"),
-    )
-    with pytest.raises(KafkaSetupError, match="TOKENBUS_KAFKA_SSL_CERTFILE/KEYFILE/KEY_PASSWORD"):
-        client_options(kafka)
-
-
-def test_a_client_key_that_does_not_match_its_certificate_names_the_settings(
-    tmp_path: Path,
-) -> None:
-    certificates = make_certificates(tmp_path)
-    key = tmp_path / "wrong-key.pem"
-    key.write_bytes(
-        ed25519.Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    kafka = KafkaSettings(
-        kafka_security_protocol="SSL",
-        kafka_ssl_cafile=certificates.ca,
-        kafka_ssl_certfile=certificates.ca,
-        kafka_ssl_keyfile=key,
-    )
-    with pytest.raises(KafkaSetupError, match="TOKENBUS_KAFKA_SSL_CERTFILE/KEYFILE/KEY_PASSWORD"):
-        client_options(kafka)
-
-
-def test_the_cli_names_a_missing_ca_file_in_one_line(tmp_path: Path) -> None:
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
-        "TOKENBUS_KAFKA_SECURITY_PROTOCOL": "SSL",
-        "TOKENBUS_KAFKA_SSL_CAFILE": str(tmp_path / "nope.pem"),
-    }
-    result = _tokenbus("topics", env=env, timeout=60)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
-        f"tokenbus topics: TOKENBUS_KAFKA_SSL_CAFILE: cannot read {tmp_path / 'nope.pem'} "
-        "(No such file or directory)"
-    )
-
-
-def test_the_cli_names_an_unknown_protocol_in_one_line() -> None:
-    env = {"TOKENBUS_KAFKA_SECURITY_PROTOCOL": "TLS"}
-    result = _tokenbus("topics", env=env, timeout=60)
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith(
-        "tokenbus topics: TOKENBUS_KAFKA_SECURITY_PROTOCOL: Input should be 'PLAINTEXT'"
-    ), result.stderr
-
-
-def test_kafka_env_gives_a_child_the_same_security_settings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    certificates = make_certificates(tmp_path)
-    kafka = KafkaSettings(
-        bootstrap_servers="broker:9093",
-        kafka_security_protocol="SASL_SSL",
-        kafka_sasl_mechanism="SCRAM-SHA-512",
-        kafka_sasl_username=USER,
-        kafka_sasl_password=SecretStr(PASSWORD),
-        kafka_ssl_cafile=certificates.ca,
-        kafka_ssl_certfile=certificates.broker_keystore,
-        kafka_ssl_key_password=SecretStr("key-secret"),
-    )
-    env = kafka_env(kafka)
-    assert env["TOKENBUS_KAFKA_SASL_PASSWORD"] == PASSWORD
-    assert env["TOKENBUS_KAFKA_SSL_KEY_PASSWORD"] == "key-secret"
-    for name in list(os.environ):
-        if name.startswith(("TOKENBUS_", "KAFKA_")):
-            monkeypatch.delenv(name)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert KafkaSettings() == kafka
