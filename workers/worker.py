@@ -75,7 +75,6 @@ class Job:
     tp: TopicPartition
     term: int  # of this worker's ownership of tp (ownership.py)
     offset: int
-    received_at: datetime
 
 
 class Worker:
@@ -174,7 +173,7 @@ class Worker:
         except MalformedMessage as exc:
             await self._reject(tp, term, record, exc)
             return
-        self._queue.put_nowait(Job(request, tp, term, record.offset, datetime.now(UTC)))
+        self._queue.put_nowait(Job(request, tp, term, record.offset))
 
     async def _reject(
         self,
