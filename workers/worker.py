@@ -11,8 +11,8 @@ Two tasks share one consumer in the ``tokenbus-workers`` group:
                  then commit up to the lowest unfinished offset
 
 A rebalance stops only the requests whose partitions move to another member
-(see ownership.py; the group's assignor keeps partitions where they are, see
-assignor.py); the others generate on through it.
+(membership.py and ownership.py; the group's assignor keeps partitions where they
+are, see assignor.py); the others generate on through it.
 
 A request that cannot be served (malformed, unknown model, prompt too long, a
 crash while generating) ends in a `failed` event; the worker goes on.
@@ -29,9 +29,8 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
-from aiokafka.protocol.commit import OffsetCommitRequest
 from aiokafka.structs import ConsumerRecord
 
 from schemas import (
@@ -49,13 +48,13 @@ from schemas import (
     message_key,
 )
 from schemas.requests import ANY_MODEL
-from tokenbus.bus.kafka import new_consumer, start_producer
+from tokenbus.bus.kafka import start_producer
 from tokenbus.bus.log import LogReader
 from tokenbus.bus.settings import KafkaSettings, WorkerSettings
 
-from .assignor import StickyAssignor
 from .control import CancelWatcher
 from .engine import GenerationEngine, PromptError, Step
+from .membership import group_consumer
 from .models import LoadedModel
 from .offsets import OffsetTracker
 from .ownership import Ownership
@@ -118,17 +117,7 @@ class Worker:
     async def run(self) -> None:
         """Serve until cancelled."""
         topics = self._kafka.topics
-        self._consumer = new_consumer(
-            self._kafka,
-            group_id=self._settings.group_id,
-            session_timeout_ms=self._settings.session_timeout_ms,
-            heartbeat_interval_ms=self._settings.heartbeat_interval_ms,
-            max_poll_interval_ms=self._settings.max_poll_interval_ms,
-            # One assignor only: aiokafka 0.14 sends a JoinGroup per assignor offered,
-            # and on Apache Kafka the second restarts the rebalance (aiokafka#1168).
-            partition_assignment_strategy=(StickyAssignor(lambda: self._ownership.partitions),),
-        )
-        self._consumer.subscribe([topics.requests], listener=_Rebalance(self))
+        self._consumer = group_consumer(self._kafka, self._settings, self._ownership, self._offsets)
         self._producer = await start_producer(self._kafka)
         try:
             await self._consumer.start()
@@ -396,50 +385,6 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._settings.session_timeout_ms / 1000):
                         await self._ownership.reassigned()
-
-    # -- rebalancing ------------------------------------------------------------
-
-    async def _assigned(self, assigned: set[TopicPartition]) -> None:
-        held = self._ownership.partitions
-        lost = await self._ownership.assigned(assigned)
-        # Queued and running jobs of lost partitions are dropped (see _serve_loop and
-        # _generate): they are uncommitted, so the partitions' new owners serve them.
-        self._offsets.forget(lost)
-        log.info("partitions kept %s, lost %s, new %s", _names(held & assigned), _names(lost),
-                 _names(assigned - held))  # fmt: skip
-
-    def _revoke(self, revoked: set[TopicPartition]) -> None:
-        if self._ownership.partitions and _expelled(self._consumer):
-            # The group expelled us (we froze past the session timeout): our
-            # partitions are someone else's already. Stop everything at once.
-            lost = self._ownership.lose_all()
-            self._offsets.forget(lost)
-            log.warning("expelled from the group; stopping the requests of %s", _names(lost))
-        else:
-            self._ownership.rebalancing()
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self._worker._revoke(set(revoked))
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._worker._assigned(set(assigned))
-
-
-def _expelled(consumer: AIOKafkaConsumer | None) -> bool:
-    """Whether the group has expelled this member: aiokafka then resets its
-    generation before rejoining (a private attribute, read with a fallback)."""
-    coordinator = getattr(consumer, "_coordinator", None)
-    generation = getattr(coordinator, "generation", 0)
-    return bool(generation == OffsetCommitRequest.DEFAULT_GENERATION_ID)
-
-
-def _names(tps: set[TopicPartition]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps)) or "none"
 
 
 def _ms_since(moment: datetime) -> float:
