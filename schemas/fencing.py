@@ -18,7 +18,8 @@ its attempt (``started``, or an empty ``token`` when continuing) and, once the
 broker has it, reads the request's log again and continues from exactly what rule
 1-2 accepted up to its claim. A stale event that slipped in before the claim is
 part of the stream and is continued from; one after it is fenced. So every reader
-sees the same stream, and it has no gap, no duplicate and no fork.
+sees the same stream, and it has no gap, no duplicate and no fork. The workers'
+side of it, the takeover, is workers/takeover.py.
 
 (Attempts are wall-clock milliseconds: workers' clocks must agree to within the
 session timeout, which NTP gives by a wide margin.)

@@ -28,6 +28,9 @@ runs to its end: nothing is ever preempted or recomputed. The budgets are counte
 as the caches lay them out: the sum over classes of sequences times the longest
 budget among them stays within ``max_batch_tokens``, which so bounds the caches'
 memory. A sequence larger than the token cap is admitted alone.
+
+The scheduler is here; a sequence is sequence.py, and what a step does on the
+compute thread (rows, packing, sampling) is step.py.
 """
 
 from __future__ import annotations
@@ -36,20 +39,18 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import compute
-from .attention import ATTENTION, KVRows, Packing, Prefill
+from .attention import ATTENTION, KVRows
+from .sequence import Sample, Sequence
+from .step import PackedStep, Rows, sample
 
 log = logging.getLogger(__name__)
-
-# A sequence's sampler: (logits, logprobs) -> (token, logprob). None is greedy: the
-# greedy sequences of a step are picked together, in one op and one device sync.
-Sample = Callable[[torch.Tensor, torch.Tensor], tuple[int, float]]
 
 SMALLEST_SIZE_CLASS = 256  # budgets up to this share one class, and so one cache
 
@@ -62,43 +63,6 @@ def size_class(budget: int) -> int:
 
 class EngineStopped(RuntimeError):
     """The scheduler has stopped; no sequence can be generated any more."""
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request's tokens as the scheduler sees them. The engine reads sampled
-    tokens with `next()` and calls `Scheduler.release` when it is done."""
-
-    ids: list[int]  # prefilled: the prompt and any tokens already published
-    sample: Sample | None  # None: greedy
-    max_new: int  # tokens to generate at most
-    stop_ids: frozenset[int]  # after one of these, generating further is pointless
-    tokens: asyncio.Queue[tuple[int, float] | BaseException] = field(default_factory=asyncio.Queue)
-    cached: int = 0  # tokens in its row of the KV cache
-    generated: int = 0
-    last: int = -1  # the token the next decode step feeds
-    sampled: tuple[int, float] | None = None  # by the last iteration, not yet delivered
-    row: int | None = None  # its row of its class's cache, once its prefill has begun
-    failure: BaseException | None = None  # its sampler's, by the last iteration
-    done: bool = False  # no more tokens will be generated for it
-
-    @property
-    def prefilled(self) -> int:
-        return min(self.cached, len(self.ids))
-
-    @property
-    def budget(self) -> int:
-        return len(self.ids) + self.max_new
-
-    @property
-    def size_class(self) -> int:
-        return size_class(self.budget)
-
-    async def next(self) -> tuple[int, float]:
-        item = await self.tokens.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
 
 
 @dataclass
@@ -132,7 +96,7 @@ class Scheduler:
         self._prefilling: list[Sequence] = []
         # Attention over packed steps (attention.py); plain SDPA for anyone else.
         model.set_attn_implementation(ATTENTION)
-        self._classes: dict[int, _Rows] = {}  # size class -> its rows and their cache
+        self._classes: dict[int, Rows] = {}  # size class -> its rows and their cache
         log.info(
             "batching up to %d sequences; KV cache up to %d positions, %.2f GB "
             "(TOKENBUS_MAX_BATCH_TOKENS; growing by doubling can take up to twice that)",
@@ -169,7 +133,7 @@ class Scheduler:
         held = [s for rows in self._size_classes() for s in rows.sequences]
         return list(dict.fromkeys([*self._prefilling, *held]))
 
-    def _size_classes(self) -> list[_Rows]:
+    def _size_classes(self) -> list[Rows]:
         # A copy, taken at once: the compute thread adds and drops classes, and the
         # metrics read them from the event loop's thread at any time.
         return list(self._classes.values())
@@ -177,10 +141,11 @@ class Scheduler:
     def _new_cache(self) -> KVRows:
         return KVRows(self._config, dtype=self._dtype, device=self._device)
 
-    def _rows_of(self, sequence: Sequence) -> _Rows:
-        rows = self._classes.get(sequence.size_class)
+    def _rows_of(self, sequence: Sequence) -> Rows:
+        size = size_class(sequence.budget)
+        rows = self._classes.get(size)
         if rows is None:
-            rows = self._classes[sequence.size_class] = _Rows(self._new_cache())
+            rows = self._classes[size] = Rows(self._new_cache())
         return rows
 
     def submit(
@@ -296,6 +261,14 @@ class Scheduler:
     @torch.inference_mode()  # the cache's tensors are inference tensors: change them only here
     def _iterate(self, only: Sequence | None = None) -> None:
         """One step of every sequence in flight, or of ``only``."""
+        step = self._lay_out(only)
+        if step.ids:  # else everyone left
+            self._run(step)
+
+    def _lay_out(self, only: Sequence | None) -> PackedStep:
+        """Free the rows of sequences that left, pick the step's prompt chunks (up to
+        ``prefill_chunk`` tokens in all, in the order the prompts were admitted) and
+        pack the step's tokens, class by class."""
         for size, rows in list(self._classes.items()):
             rows.leave()
             if not rows.slots and not rows.cache.rows:
@@ -309,60 +282,32 @@ class Scheduler:
             size = min(budget, len(sequence.ids) - sequence.cached)
             chunks.append((sequence, size))
             budget -= size
-        # The step's tokens, laid out cache by cache: each class's decoding tokens,
-        # then its prefill chunks (see attention.Packing).
-        ids: list[int] = []
-        runs: list[Packing] = []
-        decoded: list[Sequence] = []
-        sampled: list[Sequence] = []  # whose token each kept logit row samples
-        keep: list[int] = []
+        step = PackedStep(chunks)
         for size, rows in self._classes.items():
             decoding = [s for s in rows.sequences if s.cached >= len(s.ids) and only in (None, s)]
-            prefilling = [(s, n) for s, n in chunks if s.size_class == size]
-            if not decoding and not prefilling:
-                continue
-            start = len(ids)
-            keep += range(start, start + len(decoding))
-            decoded += decoding
-            sampled += decoding
-            ids += [s.last for s in decoding]
-            prefills = []
-            for sequence, n in prefilling:
-                prefills.append(Prefill(_row(sequence), len(ids) - start, sequence.cached, n))
-                ids += sequence.ids[sequence.cached : sequence.cached + n]
-                if sequence.cached + n == len(sequence.ids):
-                    # Its prefill ends in this step: its last token's logits sample.
-                    keep.append(len(ids) - 1)
-                    sampled.append(sequence)
-            columns = [s.cached + 1 for s in decoding] + [s.cached + n for s, n in prefilling]
-            rows.cache.reserve(len(rows.slots), max(columns))
-            runs.append(
-                Packing.build(
-                    rows.cache,
-                    [(_row(s), s.cached) for s in decoding],
-                    prefills,
-                    self._device,
-                    start=start,
-                )
-            )
-        if not ids:
-            return  # everyone left
+            prefilling = [(s, n) for s, n in chunks if size_class(s.budget) == size]
+            if decoding or prefilling:
+                step.add(rows, decoding, prefilling, self._device)
+        return step
+
+    def _run(self, step: PackedStep) -> None:
+        """The forward pass, then what it moved on: the tokens cached and sampled."""
         # Logits only where a token is sampled: each decoded token, and the last
         # token of each prompt whose prefill ends in this step.
         logits = self._model(
-            input_ids=torch.tensor([ids], device=self._device),
-            position_ids=torch.cat([run.columns for run in runs]).unsqueeze(0),
+            input_ids=torch.tensor([step.ids], device=self._device),
+            position_ids=torch.cat([run.columns for run in step.runs]).unsqueeze(0),
             use_cache=False,
             # long: an empty list (a step of prompt chunks that all go on) is no float
-            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self._device),
-            packing=tuple(runs),
+            logits_to_keep=torch.tensor(step.keep, dtype=torch.long, device=self._device),
+            packing=tuple(step.runs),
         ).logits[0]
-        for sequence in decoded:
+        for sequence in step.decoded:
             sequence.cached += 1
-        for sequence, size in chunks:
+        for sequence, size in step.chunks:
             sequence.cached += size
             self.stats.prompt_tokens += size
-        _sample(sampled, logits)
+        sample(step.sampled, logits)
 
 
 def laid_out(sequences: Iterable[Sequence]) -> int:
@@ -370,75 +315,5 @@ def laid_out(sequences: Iterable[Sequence]) -> int:
     size class, as many rows as sequences, each as long as the longest budget."""
     budgets: dict[int, list[int]] = collections.defaultdict(list)
     for sequence in sequences:
-        budgets[sequence.size_class].append(sequence.budget)
+        budgets[size_class(sequence.budget)].append(sequence.budget)
     return sum(len(b) * max(b) for b in budgets.values())
-
-
-def _row(sequence: Sequence) -> int:
-    assert sequence.row is not None, "a sequence in the step holds a row"
-    return sequence.row
-
-
-def _sample(sequences: list[Sequence], logits: torch.Tensor) -> None:
-    """Each sequence's next token from its row of ``logits``: the greedy ones all at
-    once, the others by their own samplers."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # one op for the whole batch
-    greedy = [i for i, s in enumerate(sequences) if s.sample is None]
-    if greedy:
-        rows = torch.tensor(greedy, device=logits.device)
-        # From the logits, as generate does: their log-softmax can round two into a tie.
-        tokens = logits[rows].float().argmax(dim=-1)
-        chosen = logprobs[rows].gather(1, tokens.unsqueeze(1)).squeeze(1)
-        for i, token, logprob in zip(greedy, tokens.tolist(), chosen.tolist(), strict=True):
-            sequences[i].sampled = (token, logprob)
-            sequences[i].last = token
-    for sequence, row, row_logprobs in zip(sequences, logits, logprobs, strict=True):
-        if sequence.sample is None:
-            continue
-        try:
-            sequence.sampled = sequence.sample(row, row_logprobs)
-        except Exception as exc:  # noqa: BLE001  # its own failure, delivered as its end
-            sequence.failure = exc
-            continue
-        sequence.last = sequence.sampled[0]
-
-
-class _Rows:
-    """Which sequence holds which row of the KV cache.
-
-    A sequence that ends frees its row, and the next one to begin its prefill
-    takes it over, so churn copies nothing. Free rows still ride along in the
-    decode attention (a row's worth of reads); once half the rows are free, the
-    live ones are moved to the front and the storage shrinks to fit.
-    """
-
-    def __init__(self, cache: KVRows) -> None:
-        self.cache = cache
-        self.slots: list[Sequence | None] = []
-
-    @property
-    def sequences(self) -> list[Sequence]:
-        return [s for s in self.slots if s is not None]
-
-    def take(self, sequence: Sequence) -> None:
-        free = [i for i, s in enumerate(self.slots) if s is None]
-        sequence.row = free[0] if free else len(self.slots)
-        if not free:
-            self.slots.append(None)
-        self.slots[sequence.row] = sequence
-
-    def leave(self) -> None:
-        """Free the rows of sequences that are done."""
-        for i, sequence in enumerate(self.slots):
-            if sequence is not None and sequence.done:
-                self.slots[i] = sequence.row = None
-        while self.slots and self.slots[-1] is None:
-            self.slots.pop()
-        live = self.sequences
-        # Half the rows free: the live ones move to the front and the storage is cut
-        # to fit them (with nobody left, it is let go).
-        if 2 * len(live) <= len(self.slots) and (live or self.cache.rows):
-            self.cache.compact([_row(s) for s in live], max((s.cached for s in live), default=0))
-            self.slots = list(live)
-            for row, sequence in enumerate(live):
-                sequence.row = row

@@ -11,8 +11,10 @@ Two tasks share one consumer in the ``tokenbus-workers`` group:
                  then commit up to the lowest unfinished offset
 
 A rebalance stops only the requests whose partitions move to another member
-(see ownership.py; the group's assignor keeps partitions where they are, see
-assignor.py); the others generate on through it.
+(membership.py and ownership.py; the group's assignor keeps partitions where they
+are, see assignor.py); the others generate on through it. A request that an earlier
+try began (of a worker that died or froze, or a crash here) is taken over where its
+stream stands (takeover.py).
 
 A request that cannot be served (malformed, unknown model, prompt too long, a
 crash while generating) ends in a `failed` event; the worker goes on.
@@ -25,13 +27,12 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
-from aiokafka.protocol.commit import OffsetCommitRequest
 from aiokafka.structs import ConsumerRecord
 
 from schemas import (
@@ -39,9 +40,7 @@ from schemas import (
     FinishReason,
     GenerationRequest,
     MalformedMessage,
-    StreamEvent,
     Timings,
-    TokenEvent,
     Usage,
     decode_request,
     encode,
@@ -49,17 +48,18 @@ from schemas import (
     message_key,
 )
 from schemas.requests import ANY_MODEL
-from tokenbus.bus.kafka import new_consumer, start_producer
+from tokenbus.bus.kafka import start_producer
 from tokenbus.bus.log import LogReader
 from tokenbus.bus.settings import KafkaSettings, WorkerSettings
 
-from .assignor import StickyAssignor
 from .control import CancelWatcher
-from .engine import GenerationEngine, PromptError, Step
+from .engine import GenerationEngine, PromptError
+from .membership import group_consumer
 from .models import LoadedModel
 from .offsets import OffsetTracker
 from .ownership import Ownership
 from .publisher import EventStream
+from .takeover import Published, Takeover, steps_after
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ class Job:
     tp: TopicPartition
     term: int  # of this worker's ownership of tp (ownership.py)
     offset: int
-    received_at: datetime
 
 
 class Worker:
@@ -95,9 +94,8 @@ class Worker:
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._offsets = OffsetTracker()
         self._cancels = CancelWatcher(kafka)
-        self._log = LogReader(kafka=kafka)
+        self._takeover = Takeover(LogReader(kafka=kafka))
         self._ownership = Ownership()
-        self._last_attempt = 0
         self.ready = asyncio.Event()  # set once the consumer has its partitions
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -119,17 +117,7 @@ class Worker:
     async def run(self) -> None:
         """Serve until cancelled."""
         topics = self._kafka.topics
-        self._consumer = new_consumer(
-            self._kafka,
-            group_id=self._settings.group_id,
-            session_timeout_ms=self._settings.session_timeout_ms,
-            heartbeat_interval_ms=self._settings.heartbeat_interval_ms,
-            max_poll_interval_ms=self._settings.max_poll_interval_ms,
-            # One assignor only: aiokafka 0.14 sends a JoinGroup per assignor offered,
-            # and on Apache Kafka the second restarts the rebalance (aiokafka#1168).
-            partition_assignment_strategy=(StickyAssignor(lambda: self._ownership.partitions),),
-        )
-        self._consumer.subscribe([topics.requests], listener=_Rebalance(self))
+        self._consumer = group_consumer(self._kafka, self._settings, self._ownership, self._offsets)
         self._producer = await start_producer(self._kafka)
         try:
             await self._consumer.start()
@@ -174,7 +162,7 @@ class Worker:
         except MalformedMessage as exc:
             await self._reject(tp, term, record, exc)
             return
-        self._queue.put_nowait(Job(request, tp, term, record.offset, datetime.now(UTC)))
+        self._queue.put_nowait(Job(request, tp, term, record.offset))
 
     async def _reject(
         self,
@@ -238,14 +226,12 @@ class Worker:
         return self._ownership.holds(job.tp, job.term)
 
     def _stream(self, producer: AIOKafkaProducer, job: Job) -> EventStream:
-        # Attempts only go up, also for two tries within one millisecond.
-        self._last_attempt = max(time.time_ns() // 1_000_000, self._last_attempt + 1)
         return EventStream(
             producer,
             self._kafka.topics.tokens,
             job.request.request_id,
             self.worker_id,
-            attempt=self._last_attempt,
+            attempt=self._takeover.attempt(),
         )
 
     async def _serve(self, job: Job, stream: EventStream) -> None:
@@ -253,11 +239,11 @@ class Worker:
         picked_up = time.perf_counter()
         # Another worker may have served this request before it died or froze (its
         # offset was not committed): what the log holds decides where to go on from.
-        published = [e async for e in self._log.events(request.request_id, from_seq=0)]
-        if published and is_terminal(published[-1]):
+        earlier = await self._takeover.published(request.request_id)
+        if earlier.finished:
             return  # an earlier attempt finished it; only the commit was missing
-        stream.next_seq = len(published)
-        attempts = len({e.attempt for e in published})
+        stream.next_seq = len(earlier.events)
+        attempts = earlier.attempts
         if attempts >= self._settings.max_attempts:
             # A poison pill: it crashed every worker that tried it (an exception, or
             # the worker itself). Stop, and keep it for a person to look at.
@@ -267,7 +253,7 @@ class Worker:
                 message_key(request.request_id), encode(request), message, f"{job.tp}@{job.offset}"
             )
             return
-        if not published and await self._answered_without_generating(request, stream):
+        if not earlier.events and await self._answered_without_generating(request, stream):
             return
         try:
             prompt_ids = self._engine.prompt_ids(request)
@@ -276,11 +262,18 @@ class Worker:
             await stream.failed(code, str(exc))
             return
         try:
-            claimed = await self._claim(request, stream, published, len(prompt_ids))
-            if is_terminal(claimed[-1]):
+            claimed = await self._takeover.claim(
+                stream,
+                earlier,
+                model=self._model.name,
+                model_revision=self._model.revision,
+                prompt_tokens=len(prompt_ids),
+                queue_wait_ms=max(_ms_since(request.submitted_at), 0.0),
+            )
+            if is_terminal(claimed.events[-1]):
                 return
-            if published:
-                log.info("continuing %s after seq %d", request.request_id, claimed[-1].seq)
+            if earlier.events:
+                log.info("continuing %s after seq %d", request.request_id, claimed.events[-1].seq)
             revoked = lambda: not self._owned(job)  # noqa: E731
             await self._generate(request, prompt_ids, stream, picked_up, claimed, revoked)
         except KafkaError:
@@ -305,57 +298,20 @@ class Worker:
             return False
         return True
 
-    async def _claim(
-        self,
-        request: GenerationRequest,
-        stream: EventStream,
-        published: list[StreamEvent],
-        prompt_tokens: int,
-    ) -> list[StreamEvent]:
-        """Claim the request under this worker's attempt (see `schemas.fencing`) and
-        return its stream as every reader will see it.
-
-        A new request is claimed by its `started` event; one with events already, by
-        an empty token. Reading the log again once the broker has the claim gives
-        the stream up to and including it, with any stale event that slipped in
-        before it; what the fenced-off worker writes after it, no reader accepts.
-        """
-        if published:
-            await stream.token("", [], None)
-        else:
-            await stream.started(
-                model=self._model.name,
-                model_revision=self._model.revision,
-                prompt_tokens=prompt_tokens,
-                queue_wait_ms=max(_ms_since(request.submitted_at), 0.0),
-            )
-        await stream.flush()
-        claimed = [e async for e in self._log.events(request.request_id, from_seq=0)]
-        stream.next_seq = len(claimed)
-        return claimed
-
     async def _generate(
         self,
         request: GenerationRequest,
         prompt_ids: list[int],
         stream: EventStream,
         picked_up: float,
-        claimed: list[StreamEvent],
+        claimed: Published,
         revoked: Callable[[], bool],
     ) -> None:
-        tokens = [e for e in claimed if isinstance(e, TokenEvent)]
-        resumed = [token_id for e in tokens for token_id in e.token_ids]
         rid = request.request_id
         should_stop = lambda: self._cancels.cancelled(rid) is not None  # noqa: E731
-        if tokens and tokens[-1].text and not tokens[-1].token_ids:
-            # The previous attempt had published its closing text: only `finished` is missing.
-            steps: AsyncGenerator[Step] = _single(Step(text="", finish_reason=FinishReason.STOP))
-        else:
-            steps = self._engine.generate(
-                request, prompt_ids, resumed=resumed, should_stop=should_stop
-            )
+        steps = steps_after(claimed, self._engine, request, prompt_ids, should_stop)
         ttft_ms: float | None = None  # this attempt's; unknown when it took over mid-stream
-        completion = len(resumed)
+        completion = len(claimed.token_ids)
         async with contextlib.aclosing(steps):  # leaving early frees its batch slot at once
             async for step in steps:
                 if revoked():
@@ -398,57 +354,9 @@ class Worker:
                     async with asyncio.timeout(self._settings.session_timeout_ms / 1000):
                         await self._ownership.reassigned()
 
-    # -- rebalancing ------------------------------------------------------------
-
-    async def _assigned(self, assigned: set[TopicPartition]) -> None:
-        held = self._ownership.partitions
-        lost = await self._ownership.assigned(assigned)
-        # Queued and running jobs of lost partitions are dropped (see _serve_loop and
-        # _generate): they are uncommitted, so the partitions' new owners serve them.
-        self._offsets.forget(lost)
-        log.info("partitions kept %s, lost %s, new %s", _names(held & assigned), _names(lost),
-                 _names(assigned - held))  # fmt: skip
-
-    def _revoke(self, revoked: set[TopicPartition]) -> None:
-        if self._ownership.partitions and _expelled(self._consumer):
-            # The group expelled us (we froze past the session timeout): our
-            # partitions are someone else's already. Stop everything at once.
-            lost = self._ownership.lose_all()
-            self._offsets.forget(lost)
-            log.warning("expelled from the group; stopping the requests of %s", _names(lost))
-        else:
-            self._ownership.rebalancing()
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self._worker._revoke(set(revoked))
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._worker._assigned(set(assigned))
-
-
-def _expelled(consumer: AIOKafkaConsumer | None) -> bool:
-    """Whether the group has expelled this member: aiokafka then resets its
-    generation before rejoining (a private attribute, read with a fallback)."""
-    coordinator = getattr(consumer, "_coordinator", None)
-    generation = getattr(coordinator, "generation", 0)
-    return bool(generation == OffsetCommitRequest.DEFAULT_GENERATION_ID)
-
-
-def _names(tps: set[TopicPartition]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps)) or "none"
-
 
 def _ms_since(moment: datetime) -> float:
     return (datetime.now(UTC) - moment).total_seconds() * 1000
-
-
-async def _single(step: Step) -> AsyncGenerator[Step]:
-    yield step
 
 
 async def _finish_unstarted(stream: EventStream, reason: FinishReason) -> None:
