@@ -10,10 +10,16 @@ import uuid
 import pytest
 from aiokafka.errors import KafkaError
 
-from tokenbus.bus.kafka import ensure_topics, new_consumer, partitions_of, start_producer
+from tokenbus.bus.kafka import (
+    ensure_topics,
+    new_consumer,
+    partitions_of,
+    start_producer,
+    stop_all,
+)
 from tokenbus.bus.settings import KafkaSettings
 
-from .conftest import ON_TANSU, Broker
+from .conftest import ON_TANSU, Broker, eventually
 
 pytestmark = pytest.mark.broker_behaviour
 
@@ -77,3 +83,28 @@ async def test_once_ensure_topics_returns_a_fresh_reader_finds_every_partition(
         # CancelledError (on Tansu nothing above needed to wait): let it run once.
         await asyncio.sleep(0)
         await consumer.stop()
+
+
+async def test_a_group_consumer_stopped_under_a_cancel_still_closes_its_connections(
+    broker: Broker,
+) -> None:
+    """aiokafka's stop() cancelled while it waits for the group's coordination task
+    leaves the consumer's connections open for good (a worker cancelled at the end
+    of a test leaked two, and the next test failed on their ResourceWarning).
+    `stop_all` finishes the stop first, then raises the cancel."""
+    kafka = _settings(broker, partitions=1)
+    await ensure_topics(kafka)
+    consumer = new_consumer(kafka, group_id=f"{kafka.topic_prefix}group")
+    consumer.subscribe([kafka.topics.requests])
+    await consumer.start()
+    try:
+        await eventually(lambda: bool(consumer.assignment()), within=60)
+        stopping = asyncio.create_task(stop_all(consumer))
+        await asyncio.sleep(0)  # let it begin: stop() now waits on the coordination task
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        open_connections = [c for c in consumer._client._conns.values() if c.connected()]
+        assert open_connections == []
+    finally:
+        await consumer.stop()  # returns at once once stopped

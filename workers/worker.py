@@ -48,7 +48,7 @@ from schemas import (
     message_key,
 )
 from schemas.requests import ANY_MODEL
-from tokenbus.bus.kafka import start_producer
+from tokenbus.bus.kafka import start_producer, stop_all
 from tokenbus.bus.log import LogReader
 from tokenbus.bus.settings import KafkaSettings, WorkerSettings
 
@@ -129,8 +129,7 @@ class Worker:
                 tasks.create_task(self._fetch_loop(self._consumer))
                 tasks.create_task(self._serve_loop(self._consumer, self._producer))
         finally:
-            await self._consumer.stop()
-            await self._producer.stop()
+            await stop_all(self._consumer, self._producer)
 
     # -- fetching ---------------------------------------------------------------
 

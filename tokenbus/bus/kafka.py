@@ -38,6 +38,7 @@ __all__ = [
     "rewind_restarted",
     "ssl_context",
     "start_producer",
+    "stop_all",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,28 @@ def _log_once(bootstrap: str) -> None:
             "drop such duplicates by seq)",
             bootstrap,
         )
+
+
+async def stop_all(*clients: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """Stop each client to its end, even if the caller is cancelled meanwhile (the
+    cancel is raised once all are stopped).
+
+    aiokafka's ``stop()`` is not cancel-safe: it marks the client closed first, then
+    waits (a group consumer for its coordination task, possibly mid-JoinGroup), and
+    closes the connections last. Cancelled in that wait, it leaves them open for good,
+    since a second ``stop()`` returns at once."""
+    cancelled = False
+    for client in clients:
+        stopping = asyncio.ensure_future(client.stop())
+        while not stopping.done():
+            try:
+                await asyncio.shield(stopping)
+            except asyncio.CancelledError:
+                cancelled = cancelled or not stopping.done()  # ours, not stop()'s own
+        if not stopping.cancelled() and (exc := stopping.exception()) is not None:
+            log.warning("stopping a Kafka client failed: %r", exc)
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def new_consumer(
