@@ -65,10 +65,9 @@ from schemas import (
     Usage,
     encode,
     message_key,
-    partition_for,
     uuid7,
 )
-from tokenbus.bus.kafka import ensure_topics, new_producer
+from tokenbus.bus.kafka import ensure_topics, new_producer, partition_for
 from tokenbus.bus.settings import AuditSettings, KafkaSettings
 
 RESULTS = Path(__file__).parent / "results" / "audit_ingest.json"

@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consumers.audit import EventRecord, open_store
 from producers import TokenbusClient
-from schemas import StreamEvent, TokenEvent, decode_event, is_terminal, partition_for
-from tokenbus.bus.kafka import at_end, ensure_topics, new_consumer, partitions_of
+from schemas import StreamEvent, TokenEvent, decode_event, is_terminal
+from tokenbus.bus.kafka import at_end, ensure_topics, new_consumer, partition_for, partitions_of
 from tokenbus.bus.kafka_cluster import KafkaCluster
 from tokenbus.bus.settings import KafkaSettings
 from workers import LoadedModel
