@@ -48,6 +48,8 @@ class StreamTruncated(Exception):
 class Submission:
     request_id: uuid.UUID
     events_url: str
+    # Reads this one stream without the API key (`?token=`, for an EventSource).
+    stream_token: str | None = None
 
 
 class TokenbusClient:
@@ -55,12 +57,16 @@ class TokenbusClient:
         self,
         base_url: str = "http://127.0.0.1:8000",
         *,
+        api_key: str | None = None,
         timeout: float = 30.0,
         max_reconnects: int = 10,
         http: httpx.AsyncClient | None = None,
     ) -> None:
+        """``api_key``: sent as ``Authorization: Bearer`` on every call, for a server
+        with keys configured (it names the tenant)."""
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = http or httpx.AsyncClient(
-            base_url=base_url, timeout=httpx.Timeout(timeout, read=None)
+            base_url=base_url, timeout=httpx.Timeout(timeout, read=None), headers=headers
         )
         self._max_reconnects = max_reconnects
 
@@ -81,7 +87,9 @@ class TokenbusClient:
         response = await self._http.post("/v1/requests", json=body)
         _raise_for_error(response)
         data = response.json()
-        return Submission(uuid.UUID(data["request_id"]), data["events_url"])
+        return Submission(
+            uuid.UUID(data["request_id"]), data["events_url"], data.get("stream_token")
+        )
 
     async def stream(
         self, request_id: uuid.UUID | str, *, after: int = -1, pace: str = "fast"

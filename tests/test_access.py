@@ -3,9 +3,11 @@ replayed, from any relay; stream tokens for EventSource; limits answer 429."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
+from producers import TokenbusClient, TokenbusError
 from schemas import decode_event
 from tokenbus.bus.settings import KafkaSettings, ServerSettings
 from tokenbus.edge.access import AccessConfigError
@@ -204,3 +207,37 @@ async def test_relay_metrics_need_a_key_when_keys_are_configured(kafka: KafkaSet
         assert (await http.get("/metrics", headers=ACME)).status_code == 401  # only its key
         scraped = await http.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
         assert scraped.status_code == 200 and "tokenbus_relay_subscribers" in scraped.text
+
+
+async def test_the_python_client_and_the_cli_authenticate_with_an_api_key(
+    kafka: KafkaSettings, smollm: LoadedModel
+) -> None:
+    """In the keyed setup every client can sign in: `TokenbusClient(api_key=…)`, and
+    `--api-key` / TOKENBUS_API_KEY on the command line; a wrong key is one line."""
+    async with relay(kafka) as (url, _), working(kafka, smollm):
+        async with TokenbusClient(url, api_key="key-acme") as client:
+            submission = await client.submit(messages=CHAT, max_tokens=4)
+            assert (submission.stream_token or "").startswith(f"{submission.request_id}.acme.")
+            assert_complete([event async for event in client.stream(submission.request_id)])
+        async with TokenbusClient(url) as anonymous:
+            with pytest.raises(TokenbusError) as refused:
+                await anonymous.submit(messages=CHAT, max_tokens=4)
+            assert refused.value.status == 401
+
+        async def cli(*args: str, key: str) -> tuple[int, str]:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tokenbus", "submit", "Say hi.", "--max-tokens", "4",
+                "--url", url, *args,
+                env={**os.environ, "TOKENBUS_API_KEY": key},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            _, err = await asyncio.wait_for(process.communicate(), 120)
+            assert process.returncode is not None
+            return process.returncode, err.decode()
+
+        status, err = await cli("--follow", key="key-globex")
+        assert status == 0, err
+        assert "[length: 4 tokens" in err
+        status, err = await cli("--api-key", "not-a-key", key="key-globex")  # the flag wins
+        assert status == 1
+        assert err.startswith("tokenbus: 401") and "Traceback" not in err

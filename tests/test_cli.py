@@ -153,3 +153,12 @@ def test_unknown_command_is_a_usage_error() -> None:
     )
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_version() -> None:
+    from tokenbus import __version__
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenbus", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.strip() == f"tokenbus {__version__}"

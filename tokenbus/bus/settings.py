@@ -296,6 +296,11 @@ class AnalyticsSettings(_Settings):
 
 class ClientSettings(_Settings):
     url: str = "http://127.0.0.1:8000"
+    # The key a keyed server (TOKENBUS_API_KEYS on its side) knows this client by.
+    api_key: SecretStr | None = None
+
+    def key(self) -> str | None:
+        return self.api_key.get_secret_value() if self.api_key else None
 
 
 def kafka_env(kafka: KafkaSettings) -> dict[str, str]:

@@ -17,16 +17,20 @@ def submit(args: argparse.Namespace) -> int:
 
 
 async def _submit(args: argparse.Namespace) -> int:
-    from producers import TokenbusClient
+    from producers import TokenbusClient, TokenbusError
 
-    url = ClientSettings(**given(url=args.url)).url
-    async with TokenbusClient(url) as client:
+    settings = ClientSettings(**given(url=args.url, api_key=args.api_key))
+    async with TokenbusClient(settings.url, api_key=settings.key()) as client:
         params = given(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-        if args.raw:
-            submission = await client.submit(args.prompt, **params)
-        else:
-            messages = [{"role": "user", "content": args.prompt}]
-            submission = await client.submit(messages=messages, **params)
+        try:
+            if args.raw:
+                submission = await client.submit(args.prompt, **params)
+            else:
+                messages = [{"role": "user", "content": args.prompt}]
+                submission = await client.submit(messages=messages, **params)
+        except TokenbusError as exc:  # 401 without a key, 422 …: a reason, no traceback
+            print(f"tokenbus: {exc}", file=sys.stderr)
+            return 1
         print(submission.request_id, file=sys.stderr if args.follow else sys.stdout)
         if not args.follow:
             return 0
@@ -44,7 +48,8 @@ def replay(args: argparse.Namespace) -> int:
 async def _stream(args: argparse.Namespace, *, after: int, pace: str = "fast") -> int:
     from producers import TokenbusClient, TokenbusError
 
-    async with TokenbusClient(ClientSettings(**given(url=args.url)).url) as client:
+    settings = ClientSettings(**given(url=args.url, api_key=args.api_key))
+    async with TokenbusClient(settings.url, api_key=settings.key()) as client:
         try:
             return await _print_stream(client, args.request_id, after=after, as_json=args.json,
                                        pace=pace)  # fmt: skip

@@ -11,7 +11,10 @@ from tokenbus.cli import analytics, audit, broker, client, serve, stack, worker
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tokenbus import __version__
+
     parser = argparse.ArgumentParser(prog="tokenbus", description="LLM token streaming over Kafka.")
+    parser.add_argument("--version", action="version", version=f"tokenbus {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up_cmd = commands.add_parser("up", help="everything on the embedded default; Ctrl-C stops all")
@@ -119,3 +122,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 
 def _url_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="tokenbus API [TOKENBUS_URL, default http://127.0.0.1:8000]")
+    parser.add_argument(
+        "--api-key",
+        help="sent as Authorization: Bearer, where the server has keys [TOKENBUS_API_KEY]",
+    )
