@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from brokers import DESCRIPTION, add_broker_option, chosen, load, running
 
 from schemas import GenerationRequest, encode, message_key, uuid7
 from tokenbus.bus.kafka import ensure_topics, new_producer
+from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import KafkaSettings
 
 RESULTS = Path(__file__).parent / "results" / "analytics_startup.json"
@@ -39,12 +39,6 @@ FAUST_DEFAULTS = {
     "HEARTBEAT_INTERVAL_S": "3",
     "REBALANCE_TIMEOUT_S": "60",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def put_one_request(kafka: KafkaSettings) -> None:

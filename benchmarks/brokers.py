@@ -13,14 +13,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenbus.bus.broker import EmbeddedBroker
-from tokenbus.bus.kafka_cluster import KAFKA_VERSION, KafkaCluster
+from tokenbus.bus.kafka_cluster import KafkaCluster
+from tokenbus.bus.kafka_jars import KAFKA_VERSION
+from tokenbus.bus.ports import free_port
 
 BROKERS = ("tansu", "kafka")
 DESCRIPTION = {
@@ -29,12 +30,6 @@ DESCRIPTION = {
     "tokenbus.bus.kafka_cluster.KafkaCluster: group.initial.rebalance.delay.ms=0, "
     "8 offsets-topic partitions, 512 MB heap)",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def add_broker_option(parser: argparse.ArgumentParser) -> None:

@@ -39,7 +39,6 @@ import multiprocessing as mp
 import os
 import platform
 import queue
-import socket
 import subprocess
 import sys
 import tempfile
@@ -69,6 +68,7 @@ from schemas import (
     uuid7,
 )
 from tokenbus.bus.kafka import ensure_topics, new_consumer, new_producer, partitions_of
+from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import KafkaSettings, kafka_env
 
 if TYPE_CHECKING:
@@ -125,12 +125,6 @@ class Load:
 
 
 # -- small helpers --------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def percentile(values: Sequence[float], q: float) -> float:

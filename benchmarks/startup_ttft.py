@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,15 +34,10 @@ from brokers import DESCRIPTION, add_broker_option, chosen, load
 from producers import TokenbusClient
 from schemas import FinishedEvent, StartedEvent, TokenEvent
 from tokenbus.bus.kafka_cluster import KafkaCluster
+from tokenbus.bus.ports import free_port
 
 RESULTS = Path(__file__).parent / "results" / "startup_ttft.json"
 PROMPT = [{"role": "user", "content": "Say hello."}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def one_request(client: TokenbusClient) -> dict[str, float]:

@@ -41,7 +41,6 @@ import os
 import platform
 import select
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,7 @@ from brokers import add_broker_option, chosen, load, running
 from producers import TokenbusClient
 from schemas import StartedEvent, TokenEvent, is_terminal
 from tokenbus.bus.kafka import ensure_topics
+from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import KafkaSettings, kafka_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -263,12 +263,6 @@ async def relay(kafka: KafkaSettings, logs: Path) -> AsyncIterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=20)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- a trial ---------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -28,18 +27,13 @@ from schemas import StreamEvent, TokenEvent, is_terminal
 from tokenbus.bus.broker import EmbeddedBroker
 from tokenbus.bus.kafka import ensure_topics
 from tokenbus.bus.kafka_cluster import KafkaCluster
+from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import KafkaSettings, ServerSettings, WorkerSettings
 from tokenbus.edge.app import create_app
 from tokenbus.edge.limits import server_config
 from workers import LoadedModel, Worker, compute, load_model
 
 MODEL_CACHE = Path.home() / ".cache" / "tokenbus"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def eventually(

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tokenbus.bus.kafka_cluster import KafkaCluster, KafkaStartError, _cluster_id, free_port
+from tokenbus.bus.kafka_cluster import KafkaCluster, _cluster_id
+from tokenbus.bus.kafka_jars import KafkaStartError
+from tokenbus.bus.ports import free_port
 
 from .conftest import ON_TANSU
 

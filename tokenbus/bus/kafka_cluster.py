@@ -17,7 +17,6 @@ import contextlib
 import logging
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -30,14 +29,9 @@ from types import TracebackType
 
 from .children import die_with_parent
 from .kafka_jars import KAFKA_VERSION, KafkaStartError, fetch
+from .ports import free_port, port_open
 
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -108,7 +102,7 @@ class KafkaCluster:
     def start(self, *, timeout_s: float = 120.0) -> None:
         self._lib = fetch(self._cache_dir)
         for port in self.ports:
-            if _port_open(self.host, port):
+            if port_open(self.host, port):
                 raise KafkaStartError(f"{self.host}:{port} is already in use: choose another port")
         self._root = Path(tempfile.mkdtemp(prefix="tokenbus-kafka-"))
         self.nodes = [
@@ -200,7 +194,7 @@ class KafkaCluster:
                         f"{_tail(node.log_path)}"
                     )
             expected = set(self.running())
-            listening = all(_port_open(self.host, self._node(i).port) for i in expected)
+            listening = all(port_open(self.host, self._node(i).port) for i in expected)
             if (
                 expected
                 and listening
@@ -347,12 +341,6 @@ async def _registered_brokers(bootstrap: str) -> set[int]:
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex((host, port)) == 0
 
 
 def _tail(path: Path, lines: int = 20) -> str:
