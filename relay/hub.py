@@ -24,7 +24,8 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client import Histogram
 
 from schemas import MalformedMessage, StartedEvent, StreamEvent, StreamView, decode_event
-from tokenbus.bus.kafka import new_consumer, partitions_of, rewind_restarted
+from tokenbus.bus.kafka import new_consumer, partitions_of
+from tokenbus.bus.restarts import LogRestarts
 from tokenbus.bus.settings import KafkaSettings, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class StreamHub:
         self.events_read = 0
         self.malformed = 0
         self.overflows = 0  # subscribers that fell behind and went back to the log
+        self.log_restarts = 0  # times the broker was seen to have lost its log
         # Event ts -> its SSE frame sent, per subscriber; see routes._frames for what
         # counts as live. Unregistered: the app's collector exports it with the rest.
         self.delivery_delay = Histogram(
@@ -141,6 +143,7 @@ class StreamHub:
             consumer.assign(partitions)
             # Start at the end: older streams are read back from the log on demand.
             await consumer.seek_to_end(*partitions)
+            restarts = LogRestarts(consumer)
             self.ready.set()
             log.info("relay hub reading %s (%d partitions)", topic, len(partitions))
             while True:
@@ -149,7 +152,8 @@ class StreamHub:
                     for record in records:
                         self._dispatch(record.value, record.topic, record.partition, record.offset)
                 quiet = [tp for tp in partitions if not batches.get(tp)]
-                await rewind_restarted(consumer, quiet)
+                if await restarts.rewind(quiet):
+                    self.log_restarts = restarts.count
         finally:
             self.ready.clear()
             await consumer.stop()

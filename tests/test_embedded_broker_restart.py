@@ -14,12 +14,14 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from producers import TokenbusClient
 from producers.submitter import Submitter
 from schemas import Cancel, uuid7
 from tokenbus.bus.broker import EmbeddedBroker
-from tokenbus.bus.kafka import ensure_topics
+from tokenbus.bus.kafka import ensure_topics, new_consumer, new_producer
+from tokenbus.bus.restarts import LogRestarts
 from tokenbus.bus.settings import KafkaSettings
 from workers.control import CancelWatcher
 
@@ -54,6 +56,10 @@ async def test_after_a_restart_with_an_empty_log_live_subscribers_get_their_even
             broker.stop()
             broker.start()
             await ensure_topics(kafka)
+            # The hub notices the new (empty) log before the new stream is written, so
+            # what it reads is counted once; that it would read the stream anyway, had
+            # the stream come first, is test_a_new_log_written_before_the_hub_looks_...
+            await eventually(lambda: _restarts_seen(http))
 
             read_before = await metric(http, "tokenbus_relay_events_read_total")
             after = await submit_only(kafka)
@@ -101,6 +107,65 @@ async def test_the_cancel_watcher_reads_a_restarted_log_from_its_start() -> None
         broker.stop()
 
 
+async def test_a_reader_notices_a_new_log_that_has_already_passed_its_position() -> None:
+    """The race the high watermark alone loses: the restarted broker's log grows past
+    the reader's old position before the reader looks. The new cluster id tells."""
+    broker = EmbeddedBroker(port=free_port())
+    broker.start()
+    try:
+        kafka = KafkaSettings(
+            bootstrap_servers=broker.bootstrap, topic_prefix=f"r{uuid.uuid4().hex[:8]}.",
+            partitions=1,
+        )  # fmt: skip
+        await ensure_topics(kafka)
+        tp = TopicPartition(kafka.topics.control, 0)
+        await _produce(kafka, tp, [b"old-0", b"old-1", b"old-2"])
+        consumer = new_consumer(kafka)
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            restarts = LogRestarts(consumer, check_cluster_every_s=0)
+            assert await _read(consumer, tp, 3) == [b"old-0", b"old-1", b"old-2"]
+            assert await restarts.rewind([tp]) == []  # the same cluster, at its end
+
+            broker.stop()
+            broker.start()
+            await ensure_topics(kafka)
+            new = [f"new-{i}".encode() for i in range(5)]
+            await _produce(kafka, tp, new)
+
+            async def rewound() -> bool:
+                return await restarts.rewind([tp]) == [tp]
+
+            await eventually(rewound)
+            assert await _read(consumer, tp, 5) == new
+            assert restarts.count == 1
+        finally:
+            await consumer.stop()
+    finally:
+        broker.stop()
+
+
+async def _produce(kafka: KafkaSettings, tp: TopicPartition, values: list[bytes]) -> None:
+    producer = new_producer(kafka)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(tp.topic, value, partition=tp.partition)
+    finally:
+        await producer.stop()
+
+
+async def _read(consumer: AIOKafkaConsumer, tp: TopicPartition, count: int) -> list[bytes]:
+    values: list[bytes] = []
+    async with asyncio.timeout(30):
+        while len(values) < count:
+            batches = await consumer.getmany(tp, timeout_ms=500)
+            values += [record.value for record in batches.get(tp, []) if record.value]
+    return values
+
+
 async def _cancel(kafka: KafkaSettings, *request_ids: uuid.UUID) -> None:
     submitter = Submitter(kafka)
     try:
@@ -108,6 +173,10 @@ async def _cancel(kafka: KafkaSettings, *request_ids: uuid.UUID) -> None:
             await submitter.cancel(Cancel(request_id=request_id, ts=datetime.now(UTC)))
     finally:
         await submitter.close()
+
+
+async def _restarts_seen(http: httpx.AsyncClient) -> bool:
+    return await metric(http, "tokenbus_relay_log_restarts_total") >= 1
 
 
 async def _subscribed(http: httpx.AsyncClient) -> bool:

@@ -16,7 +16,8 @@ import uuid
 from collections import OrderedDict
 
 from schemas import Cancel, MalformedMessage, decode_cancel
-from tokenbus.bus.kafka import at_end, new_consumer, partitions_of, rewind_restarted
+from tokenbus.bus.kafka import at_end, new_consumer, partitions_of
+from tokenbus.bus.restarts import LogRestarts
 from tokenbus.bus.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,13 @@ class CancelWatcher:
                     await consumer.seek_to_end(tp)
                 else:
                     consumer.seek(tp, found.offset)
+            restarts = LogRestarts(consumer)
             while True:
                 batches = await consumer.getmany(timeout_ms=500)
                 for records in batches.values():
                     for record in records:
                         self._record(record.value, record.offset)
-                await rewind_restarted(consumer, [tp for tp in partitions if not batches.get(tp)])
+                await restarts.rewind([tp for tp in partitions if not batches.get(tp)])
                 if not self.caught_up.is_set() and await at_end(consumer, *partitions):
                     self.caught_up.set()
         finally:

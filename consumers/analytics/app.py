@@ -11,6 +11,7 @@ Departures from Faust's defaults, each for the embedded broker (Tansu):
   Faust turns idempotence on only for ``processing_guarantee="exactly_once"``,
   which is not used: a changelog is last-write-wins per key, so a duplicate
   written by a producer retry is harmless;
+- changelog batches hold one record each (see `_faust_app`);
 - tables live in memory (``memory://``) and are rebuilt from their changelogs on
   start; ``stream_wait_empty`` is off: a rebalance need not wait for the event
   in hand, since one read again is a duplicate that the fencing rule drops.
@@ -171,6 +172,11 @@ def _faust_app(kafka: KafkaSettings, settings: AnalyticsSettings) -> faust.App:
             kafka.request_timeout_ms / 1000, settings.analytics_session_timeout_s
         ),
         stream_wait_empty=False,
+        # One record per changelog batch: Tansu answers ListOffsets(LATEST) with the
+        # last batch's first offset + 1, and Faust's recovery reads a changelog up to
+        # that answer, so the rest of a multi-record last batch was lost on restart.
+        # A changelog write per finished request and table is few enough to send alone.
+        producer_max_batch_size=1,
         web_enabled=True,
         web_bind=settings.analytics_host,
         web_port=settings.analytics_port,

@@ -23,7 +23,8 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tokenbus.bus.kafka import ensure_topics, new_consumer, partitions_of, rewind_restarted
+from tokenbus.bus.kafka import ensure_topics, new_consumer, partitions_of
+from tokenbus.bus.restarts import LogRestarts
 from tokenbus.bus.settings import AuditSettings, KafkaSettings
 
 from .checkpoints import Checkpointer
@@ -160,6 +161,7 @@ class AuditConsumer:
         return consumer
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        restarts = LogRestarts(consumer)
         while True:
             fetched = await consumer.getmany(
                 timeout_ms=_FETCH_TIMEOUT_MS, max_records=self._settings.max_batch
@@ -169,7 +171,7 @@ class AuditConsumer:
                 await _blocking(functools.partial(self._write, records))
             # Reading a restarted log again is safe: what the store holds is skipped.
             quiet = [tp for tp in consumer.assignment() if not fetched.get(tp)]
-            await rewind_restarted(consumer, quiet)
+            await restarts.rewind(quiet)
             if time.monotonic() - self._group_committed >= _GROUP_COMMIT_EVERY_S:
                 await self._commit_group(consumer)
             if self._checkpointer.due():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+import uuid
 from types import TracebackType
 
 from .children import die_with_parent
@@ -49,6 +50,10 @@ class EmbeddedBroker:
                 url,
                 "--advertised-listener-url",
                 url,
+                # A new id for each start: what restarts is a new, empty cluster, and
+                # readers notice it by the id (`tokenbus.bus.restarts`).
+                "--cluster-id",
+                f"tokenbus-{uuid.uuid4().hex}",
             ],
             stdout=output,
             stderr=output,

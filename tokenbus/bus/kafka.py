@@ -35,7 +35,6 @@ __all__ = [
     "new_consumer",
     "new_producer",
     "partitions_of",
-    "rewind_restarted",
     "ssl_context",
     "start_producer",
     "stop_all",
@@ -252,34 +251,6 @@ async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPar
     if not ids:
         raise TopicMissing(f"topic {topic!r} does not exist; `tokenbus topics` creates it")
     return [TopicPartition(topic, p) for p in sorted(ids)]
-
-
-async def rewind_restarted(
-    consumer: AIOKafkaConsumer, partitions: list[TopicPartition]
-) -> list[TopicPartition]:
-    """Read again from its start each partition whose log now ends before our
-    position, and return those.
-
-    That happens when the broker lost its log: the embedded broker keeps it in
-    memory only, so a restart empties it. Apache Kafka answers a fetch past the
-    end with OffsetOutOfRange, which the consumer's ``auto_offset_reset`` handles;
-    Tansu answers with no records and the new, lower high watermark, so a reader
-    that does not look would wait at its old position forever. (A position never
-    passes the high watermark of the fetch that delivered the records before it,
-    so this is not a false alarm on a live log.)"""
-    rewound = []
-    for tp in partitions:
-        highwater = consumer.highwater(tp)
-        if highwater is not None and highwater < await consumer.position(tp):
-            rewound.append(tp)
-    if rewound:
-        log.warning(
-            "the log of %s ends before this reader's position (the broker restarted "
-            "without its log): reading it from the start",
-            ", ".join(f"{tp.topic}[{tp.partition}]" for tp in rewound),
-        )
-        await consumer.seek_to_beginning(*rewound)
-    return rewound
 
 
 async def at_end(consumer: AIOKafkaConsumer, *partitions: TopicPartition) -> bool:

@@ -143,6 +143,12 @@ class _RelayCollector(Collector):
             "Subscribers that fell behind the live stream and caught up from the log",
             value=self._hub.overflows,
         )
+        yield CounterMetricFamily(
+            "tokenbus_relay_log_restarts",
+            "Times the broker was seen to have lost its log (a restarted embedded broker); "
+            "the hub then read it again from the start",
+            value=self._hub.log_restarts,
+        )
         yield GaugeMetricFamily(
             "tokenbus_relay_subscribers", "Open SSE subscriptions", value=self._hub.subscribers
         )
