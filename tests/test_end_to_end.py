@@ -197,7 +197,7 @@ async def test_readyz_metrics_and_page(stack: Stack) -> None:
     metrics = (await stack.http.get("/metrics")).text
     assert "tokenbus_relay_events_read_total" in metrics
     page = await stack.http.get("/")
-    assert page.status_code == 200 and "EventSource" in page.text
+    assert page.status_code == 200 and "<title>tokenbus console</title>" in page.text
 
 
 async def test_http_client_is_not_needed_for_curl_users(stack: Stack) -> None:

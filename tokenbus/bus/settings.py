@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas import Topics
 
@@ -176,6 +176,20 @@ class ServerSettings(_Settings):
     # /metrics: with this set, only `Authorization: Bearer <metrics_key>` reads it;
     # unset, any valid API key does (none is needed only when there are no keys).
     metrics_key: SecretStr | None = Field(default=None, description="the key /metrics asks for")
+    # Browser pages from these origins may call the API and read streams (CORS).
+    # Credentials are never cookies: a page sends its key or a stream token itself.
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="origins allowed to call the API from a browser: comma-separated "
+        "(https://app.example.com,http://localhost:3000) or * for any",
+    )
+
+    @field_validator("cors_allow_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
+        return value
 
     # What a client may take before the app sees its request (tokenbus.edge.limits).
     max_body_bytes: int = Field(

@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -80,6 +81,17 @@ def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
     app.add_middleware(
         BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_read_timeout_s
     )
+    if settings.cors_allow_origins:
+        # Outermost, so a preflight is answered before the body limits, and a refusal
+        # (401, 413, 429) still carries the header a page needs to read its reason.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+            max_age=600,
+        )
     app.include_router(submit_router)
     app.include_router(openai_router)
     app.include_router(relay_router)
