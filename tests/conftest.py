@@ -28,7 +28,7 @@ from tokenbus.bus.broker import EmbeddedBroker
 from tokenbus.bus.kafka import ensure_topics
 from tokenbus.bus.kafka_cluster import KafkaCluster
 from tokenbus.bus.ports import free_port
-from tokenbus.bus.settings import KafkaSettings, ServerSettings, WorkerSettings
+from tokenbus.bus.settings import AuditSettings, KafkaSettings, ServerSettings, WorkerSettings
 from tokenbus.edge.app import create_app
 from tokenbus.edge.limits import server_config
 from workers import LoadedModel, Worker, compute, load_model
@@ -132,11 +132,12 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def serving(
-    kafka: KafkaSettings, **server_overrides: object
+    kafka: KafkaSettings, *, audit: AuditSettings | None = None, **server_overrides: object
 ) -> AsyncIterator[tuple[str, httpx.AsyncClient]]:
-    """The real ASGI app under a real uvicorn on a free port."""
+    """The real ASGI app under a real uvicorn on a free port (``audit``: the store
+    its audit view reads)."""
     settings = ServerSettings(port=free_port(), **server_overrides)  # type: ignore[arg-type]
-    app = create_app(kafka=kafka, settings=settings)
+    app = create_app(kafka=kafka, settings=settings, audit=audit)
     server = uvicorn.Server(server_config(app, settings, log_level="warning"))
     task = asyncio.create_task(server.serve())
     url = f"http://127.0.0.1:{settings.port}"

@@ -8,16 +8,19 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from producers import TokenbusClient
 from schemas import uuid7
-from tokenbus.bus.settings import KafkaSettings
+from tokenbus.bus.settings import AuditSettings, KafkaSettings
 from workers import LoadedModel
 
+from .audit_support import auditing
 from .browser_support import chromium, new_page
-from .conftest import assert_complete, collect, serving, text_of, working
+from .conftest import assert_complete, collect, eventually, serving, text_of, working
 
 from playwright.async_api import Browser, Page, expect  # isort: skip  (after the skip above)
 
@@ -140,6 +143,37 @@ async def test_a_keyed_server_asks_for_a_key_and_the_tab_keeps_it_to_itself(
             await expect(pane(other, request_id)).to_have_attribute(
                 "data-state", re.compile("stop|length"), timeout=WAIT_MS
             )
+
+
+async def test_the_audit_view_of_a_request_in_its_pane(
+    kafka: KafkaSettings, smollm: LoadedModel, browser: Browser, tmp_path: Path
+) -> None:
+    store, key = str(tmp_path / "audit.db"), Ed25519PrivateKey.generate()
+    audit = AuditSettings(store=store, public_key=key.public_key().public_bytes_raw().hex())
+    async with (
+        serving(kafka, audit=audit) as (url, http),
+        working(kafka, smollm),
+        auditing(kafka, store, key),
+        new_page(browser) as page,
+    ):
+        await page.goto(url)
+        request_id = await submit(page, "What is an audit trail?", 8)
+        await expect(pane(page, request_id)).to_have_attribute(
+            "data-state", re.compile("stop|length"), timeout=WAIT_MS
+        )
+
+        async def audited() -> bool:  # the consumer has read the whole stream
+            response = await http.get(f"/v1/requests/{request_id}/audit")
+            return response.status_code == 200 and response.json()["outcome"] is not None
+
+        await eventually(audited)
+        await pane(page, request_id).get_by_role("button", name="Audit").click()
+        table = pane(page, request_id).get_by_role("table")
+        await expect(table).to_have_attribute("data-verified", "true", timeout=WAIT_MS)
+        await expect(table).to_contain_text("What is an audit trail?")
+        await expect(table).to_contain_text("worker-1 (attempt")
+        await expect(table).to_contain_text("SmolLM2-135M-Instruct revision")
+        await expect(table.get_by_role("row", name=re.compile("^chain verifies"))).to_have_count(1)
 
 
 async def test_bad_input_and_unknown_ids_are_shown_not_left_generating(

@@ -8,9 +8,9 @@ from .consumer import AuditConsumer
 from .ingest import AuditStats, Ingest, StreamStates
 from .keys import AuditKeyError, signing_key, verifying_key
 from .records import Batch, Checkpoint, EventRecord, RequestRecord, StreamState
-from .reports import export_jsonl, show
+from .reports import account, audited, export_jsonl, show
 from .store import AuditStore, StoreError
-from .verify import Finding, Report, verify
+from .verify import Finding, Report, verify, verify_request
 
 __all__ = [
     "GENESIS",
@@ -31,6 +31,8 @@ __all__ = [
     "StoreError",
     "StreamState",
     "StreamStates",
+    "account",
+    "audited",
     "event_hash",
     "export_jsonl",
     "open_store",
@@ -38,5 +40,6 @@ __all__ = [
     "show",
     "signing_key",
     "verify",
+    "verify_request",
     "verifying_key",
 ]

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from schemas import (
     FailedEvent,
     FinishedEvent,
@@ -16,69 +18,126 @@ from schemas import (
     TokenEvent,
     decode_event,
     decode_request,
+    is_terminal,
 )
 
 from .store import AuditStore, submitted_ms
+from .verify import verify_request
 
 
-def show(store: AuditStore, request_id: uuid.UUID) -> str | None:
-    """A human-readable account of one request; None if the store has nothing of it."""
+def account(store: AuditStore, request_id: uuid.UUID) -> dict[str, Any] | None:
+    """What the store holds of one request, as JSON-ready data (the console's audit
+    view); None if it holds nothing of it. Not a verification: see `verify_request`."""
     request = store.request(request_id)
     events = store.events(request_id)
     if request is None and not events:
         return None
     when = datetime.fromtimestamp(submitted_ms(request_id) / 1000, tz=UTC)
-    lines = [f"request    {request_id}", f"submitted  {when.isoformat()}"]
+    found: dict[str, Any] = {
+        "request_id": str(request_id), "submitted_at": when.isoformat(), "request": None,
+        "request_problem": None, "record_problems": [], "workers": [], "served_by": [],
+        "outcome": None, "text": "", "events": [],
+        "chain_head": events[-1].hash.hex() if events else None,
+    }  # fmt: skip
     if request is None:
-        lines.append("prompt     (no request message in the store: it was malformed or is missing)")
+        found["request_problem"] = "no request message in the store: it was malformed or is missing"
     else:
         try:
             submitted = decode_request(request.value)
         except MalformedMessage as exc:
-            lines.append(f"prompt     (the stored request does not decode: {exc})")
+            found["request_problem"] = f"the stored request does not decode: {exc}"
         else:
-            lines.append(f"tenant     {submitted.tenant}")
-            lines.append(f"model      {submitted.model} (as requested)")
-            lines.append(f"parameters {submitted.sampling.model_dump_json()}")
-            if submitted.prompt is not None:
-                lines.append(f"prompt     {submitted.prompt!r}")
-            for i, message in enumerate(submitted.messages or []):
-                label = "prompt" if i == 0 else ""
-                lines.append(f"{label:<10} {message.role}: {message.content!r}")
+            found["request"] = {
+                "tenant": submitted.tenant, "model": submitted.model,
+                "sampling": submitted.sampling.model_dump(mode="json"),
+                "prompt": submitted.prompt,
+                "messages": [m.model_dump(mode="json") for m in submitted.messages or []],
+            }  # fmt: skip
     decoded = []
     for record in events:
         try:
             decoded.append(decode_event(record.value))
         except MalformedMessage as exc:  # only a tampered store holds one
-            lines.append(f"record     seq {record.seq} does not decode ({exc}): run verify")
-    workers = sorted({(e.worker, e.attempt) for e in decoded})
-    lines += [f"worker     {worker} (attempt {attempt})" for worker, attempt in workers]
-    text = "".join(e.text for e in decoded if isinstance(e, TokenEvent))
-    for event in decoded:
-        if isinstance(event, StartedEvent):
-            lines.append(f"served by  {event.model} revision {event.model_revision}")
-            lines.append(f"           {event.prompt_tokens} prompt tokens, "
-                         f"queued {event.queue_wait_ms:.0f} ms")  # fmt: skip
-        elif isinstance(event, FinishedEvent):
-            ttft = f"{event.timings.ttft_ms:.0f} ms" if event.timings.ttft_ms is not None else "-"
-            lines.append(
-                f"finished   {event.finish_reason}: {event.usage.completion_tokens} tokens, "
-                f"ttft {ttft}, total {event.timings.total_ms:.0f} ms"
-            )
-        elif isinstance(event, FailedEvent):
-            lines.append(f"failed     {event.code}: {event.message}")
-    if not decoded or not isinstance(decoded[-1], FinishedEvent | FailedEvent):
-        lines.append("status     no terminal event (yet)")
-    lines.append(f"text       {text!r}")
-    lines.append("events     seq  +ms      type      text")
+            found["record_problems"].append(f"seq {record.seq} does not decode ({exc}): run verify")
+    found["workers"] = [
+        {"worker": worker, "attempt": attempt}
+        for worker, attempt in sorted({(e.worker, e.attempt) for e in decoded})
+    ]
+    found["text"] = "".join(e.text for e in decoded if isinstance(e, TokenEvent))
     start = decoded[0].ts if decoded else None
     for event in decoded:
-        offset = (event.ts - start).total_seconds() * 1000 if start else 0.0
-        shown = repr(event.text) if isinstance(event, TokenEvent) else ""
-        lines.append(f"           {event.seq:<4} {offset:<8.1f} {event.type:<9} {shown}")
-    if events:
-        lines.append(f"chain head {events[-1].hash.hex()}")
+        if isinstance(event, StartedEvent):
+            found["served_by"].append({
+                "model": event.model, "model_revision": event.model_revision,
+                "prompt_tokens": event.prompt_tokens, "queue_wait_ms": event.queue_wait_ms,
+            })  # fmt: skip
+        elif isinstance(event, FinishedEvent):
+            found["outcome"] = {
+                "type": "finished", "finish_reason": str(event.finish_reason),
+                "completion_tokens": event.usage.completion_tokens,
+                "ttft_ms": event.timings.ttft_ms, "total_ms": event.timings.total_ms,
+            }  # fmt: skip
+        elif isinstance(event, FailedEvent):
+            found["outcome"] = {"type": "failed", "code": event.code, "message": event.message}
+        found["events"].append({
+            "seq": event.seq, "type": event.type,
+            "offset_ms": (event.ts - start).total_seconds() * 1000 if start else 0.0,
+            "text": event.text if isinstance(event, TokenEvent) else None,
+        })  # fmt: skip
+    if decoded and not is_terminal(decoded[-1]):
+        found["outcome"] = None
+    return found
+
+
+def show(store: AuditStore, request_id: uuid.UUID) -> str | None:
+    """A human-readable account of one request; None if the store has nothing of it."""
+    found = account(store, request_id)
+    if found is None:
+        return None
+    lines = [f"request    {request_id}", f"submitted  {found['submitted_at']}"]
+    if found["request_problem"] is not None:
+        lines.append(f"prompt     ({found['request_problem']})")
+    else:
+        request = found["request"]
+        lines.append(f"tenant     {request['tenant']}")
+        lines.append(f"model      {request['model']} (as requested)")
+        lines.append(f"parameters {_compact(request['sampling'])}")
+        if request["prompt"] is not None:
+            lines.append(f"prompt     {request['prompt']!r}")
+        for i, message in enumerate(request["messages"]):
+            label = "prompt" if i == 0 else ""
+            lines.append(f"{label:<10} {message['role']}: {message['content']!r}")
+    lines += [f"record     {problem}" for problem in found["record_problems"]]
+    lines += [f"worker     {w['worker']} (attempt {w['attempt']})" for w in found["workers"]]
+    for served in found["served_by"]:
+        lines.append(f"served by  {served['model']} revision {served['model_revision']}")
+        lines.append(f"           {served['prompt_tokens']} prompt tokens, "
+                     f"queued {served['queue_wait_ms']:.0f} ms")  # fmt: skip
+    outcome = found["outcome"]
+    if outcome is None:
+        lines.append("status     no terminal event (yet)")
+    elif outcome["type"] == "finished":
+        ttft = f"{outcome['ttft_ms']:.0f} ms" if outcome["ttft_ms"] is not None else "-"
+        lines.append(
+            f"finished   {outcome['finish_reason']}: {outcome['completion_tokens']} tokens, "
+            f"ttft {ttft}, total {outcome['total_ms']:.0f} ms"
+        )
+    else:
+        lines.append(f"failed     {outcome['code']}: {outcome['message']}")
+    lines.append(f"text       {found['text']!r}")
+    lines.append("events     seq  +ms      type      text")
+    for event in found["events"]:
+        shown = repr(event["text"]) if event["text"] is not None else ""
+        lines.append(
+            f"           {event['seq']:<4} {event['offset_ms']:<8.1f} {event['type']:<9} {shown}"
+        )
+    if found["chain_head"] is not None:
+        lines.append(f"chain head {found['chain_head']}")
     return "\n".join(lines)
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def export_jsonl(
@@ -107,3 +166,26 @@ def _json(value: bytes) -> Any:
 
 def _line(**fields: Any) -> str:
     return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+
+
+def audited(
+    store: AuditStore, public_key: Ed25519PublicKey | None, request_id: uuid.UUID
+) -> dict[str, Any] | None:
+    """`account`, and whether the request's records verify (`verify_request`) under
+    ``public_key`` (None: no key to check with, so not verified, and said why)."""
+    found = account(store, request_id)
+    if found is None:
+        return None
+    if public_key is None:
+        found["verification"] = {"verified": None, "findings": [], "uncovered_records": None}
+        return found
+    report = verify_request(store, public_key, request_id)
+    found["verification"] = {
+        "verified": report.clean,
+        "findings": [str(finding) for finding in report.findings],
+        # Checkpoints come every TOKENBUS_AUDIT_CHECKPOINT_EVERY_S: the newest records
+        # are held and chained, but not signed for until the next one.
+        "uncovered_records": report.uncovered,
+        "checkpoints": report.checkpoints,
+    }
+    return found

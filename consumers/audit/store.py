@@ -180,7 +180,7 @@ class AuditStore(abc.ABC):
             )
             for request_id, digest, attempt, next_seq, head in rows:
                 rid = uuid.UUID(request_id)
-                found[rid] = StreamState(rid, bytes(digest), attempt, next_seq, bytes(head))
+                found[rid] = StreamState(rid, _as_bytes(digest), attempt, next_seq, _as_bytes(head))
         return found
 
     def write(self, batch: Batch) -> None:
@@ -235,7 +235,7 @@ class AuditStore(abc.ABC):
         rows = self._query(
             "SELECT request_id, request_digest, next_seq, head FROM audit_streams WHERE dirty = 1"
         )
-        return [Leaf(uuid.UUID(r), bytes(d), n, bytes(h)) for r, d, n, h in rows]
+        return [Leaf(uuid.UUID(r), _as_bytes(d), n, _as_bytes(h)) for r, d, n, h in rows]
 
     def totals(self) -> tuple[int, int]:
         """(event records, requests) held."""
@@ -286,7 +286,15 @@ class AuditStore(abc.ABC):
             " WHERE number = ?",
             (number,),
         )
-        return [Leaf(uuid.UUID(r), bytes(d), n, bytes(h)) for r, d, n, h in rows]
+        return [Leaf(uuid.UUID(r), _as_bytes(d), n, _as_bytes(h)) for r, d, n, h in rows]
+
+    def checkpoints_naming(self, request_id: uuid.UUID) -> list[int]:
+        """The numbers of the checkpoints that commit to this request."""
+        rows = self._query(
+            "SELECT number FROM audit_checkpoint_leaves WHERE request_id = ? ORDER BY number",
+            (str(request_id),),
+        )
+        return [number for (number,) in rows]
 
     def request_ids(self, *, since_ms: int = 0, until_ms: int | None = None) -> list[uuid.UUID]:
         """Every request the store holds anything of, in submission order."""
@@ -310,7 +318,7 @@ class AuditStore(abc.ABC):
         if not rows:
             return None
         value, digest, partition, offset = rows[0]
-        return RequestRecord(request_id, bytes(value), bytes(digest), partition, offset)
+        return RequestRecord(request_id, _as_bytes(value), _as_bytes(digest), partition, offset)
 
     def events(self, request_id: uuid.UUID) -> list[EventRecord]:
         """The request's records in seq order (as stored: verify checks them)."""
@@ -319,7 +327,7 @@ class AuditStore(abc.ABC):
             (str(request_id),),
         )
         return [
-            EventRecord(uuid.UUID(r), seq, attempt, kind, bytes(value), bytes(h), part, off)
+            EventRecord(uuid.UUID(r), seq, attempt, kind, _as_bytes(value), _as_bytes(h), part, off)
             for r, seq, attempt, kind, value, h, part, off in rows
         ]
 
@@ -328,15 +336,24 @@ class AuditStore(abc.ABC):
             "SELECT request_id, request_digest, attempt, next_seq, head FROM audit_streams"
         )
         return {
-            uuid.UUID(r): StreamState(uuid.UUID(r), bytes(d), a, n, bytes(h))
+            uuid.UUID(r): StreamState(uuid.UUID(r), _as_bytes(d), a, n, _as_bytes(h))
             for r, d, a, n, h in rows
         }
 
 
+def _as_bytes(value: bytes | memoryview | str) -> bytes:
+    """A stored hash or message as bytes. Written as bytes; a TEXT value can only be
+    one written by someone else (SQLite keeps what it is given), so it is read as
+    its UTF-8 bytes, which then fail their hash check: a finding, not a crash."""
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
 def _checkpoint(row: tuple[Any, ...]) -> Checkpoint:
     number, previous, delta, records, requests, created_ms, hash_, signature, public_key = row
-    body = CheckpointBody(number, bytes(previous), bytes(delta), records, requests, created_ms)
-    return Checkpoint(body, bytes(hash_), bytes(signature), bytes(public_key))
+    body = CheckpointBody(
+        number, _as_bytes(previous), _as_bytes(delta), records, requests, created_ms
+    )
+    return Checkpoint(body, _as_bytes(hash_), _as_bytes(signature), _as_bytes(public_key))
 
 
 class _Connection(Protocol):

@@ -100,16 +100,38 @@ def verify(
     return report
 
 
+def verify_request(
+    store: AuditStore, public_key: Ed25519PublicKey, request_id: uuid.UUID
+) -> Report:
+    """One request: its records' chain, and the checkpoints that commit to it (their
+    own chain, hashes and signatures, and what they commit). Checkpoints that do not
+    name it are checked for their place in the chain and signature, not their leaves;
+    `verify` checks everything."""
+    report = Report(requests=1)
+    naming = set(store.checkpoints_naming(request_id))
+    committed = _fold_checkpoints(store, public_key, report, only=naming)
+    _check_request(
+        store, request_id, committed.get(request_id, []), report, store.streams([request_id])
+    )
+    return report
+
+
 def _fold_checkpoints(
-    store: AuditStore, public_key: Ed25519PublicKey, report: Report
+    store: AuditStore,
+    public_key: Ed25519PublicKey,
+    report: Report,
+    only: set[int] | None = None,
 ) -> dict[uuid.UUID, list[_Committed]]:
-    """Every request's committed (count, head) at each checkpoint that named it."""
+    """Every request's committed (count, head) at each checkpoint that named it;
+    ``only``: the checkpoints whose leaves are read and checked (default: all)."""
     committed: dict[uuid.UUID, list[_Committed]] = defaultdict(list)
     previous, expected = GENESIS, 1
     for checkpoint in store.checkpoints():
         report.checkpoints += 1
         body = checkpoint.body
-        leaves = store.checkpoint_leaves(body.number)
+        leaves = (
+            store.checkpoint_leaves(body.number) if only is None or body.number in only else None
+        )
         problem = None
         if body.number != expected:
             problem = f"checkpoint {expected} is missing (the next one held is {body.number})"
@@ -117,13 +139,13 @@ def _fold_checkpoints(
             problem = "does not follow the previous checkpoint: one was removed or replaced"
         elif body.hash() != checkpoint.hash:
             problem = "its fields do not match its hash: altered"
-        elif delta_digest(leaves) != body.delta:
+        elif leaves is not None and delta_digest(leaves) != body.delta:
             problem = "the requests it commits to were altered, added or removed"
         elif not signature_valid(public_key, checkpoint.signature, body.hash()):
             problem = "bad signature under the trusted public key: forged or altered"
         if problem is not None:
             report.findings.append(Finding("checkpoint", problem, checkpoint=body.number))
-        for leaf in leaves:
+        for leaf in leaves or ():
             committed[leaf.request_id].append(_Committed(leaf, body.number))
         previous, expected = checkpoint.hash, body.number + 1
     return committed

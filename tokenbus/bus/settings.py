@@ -176,6 +176,10 @@ class ServerSettings(_Settings):
     # /metrics: with this set, only `Authorization: Bearer <metrics_key>` reads it;
     # unset, any valid API key does (none is needed only when there are no keys).
     metrics_key: SecretStr | None = Field(default=None, description="the key /metrics asks for")
+    # GET /v1/requests/{id}/audit from the audit store (AuditSettings: TOKENBUS_AUDIT_*).
+    audit_view: bool = Field(
+        default=False, description="serve the audit view of requests from the audit store"
+    )
     # Browser pages from these origins may call the API and read streams (CORS).
     # Credentials are never cookies: a page sends its key or a stream token itself.
     cors_allow_origins: Annotated[list[str], NoDecode] = Field(

@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from tokenbus.bus.settings import KafkaSettings, ServerSettings
+from tokenbus.bus.settings import AuditSettings, KafkaSettings, ServerSettings
 from tokenbus.cli.settings import check_kafka, given, kafka_settings
 
 _EXAMPLE_BODY = '{"messages": [{"role": "user", "content": "Hi!"}], "temperature": 0.2}'
@@ -32,15 +32,20 @@ async def _serve(kafka: KafkaSettings, server: ServerSettings) -> None:
     await serving
 
 
-def start_server(kafka: KafkaSettings, server: ServerSettings) -> tuple[asyncio.Task[None], Any]:
+def start_server(
+    kafka: KafkaSettings, server: ServerSettings, *, audit_view: bool = False
+) -> tuple[asyncio.Task[None], Any]:
+    """``audit_view`` (or TOKENBUS_AUDIT_VIEW): serve the audit view from the audit
+    store TOKENBUS_AUDIT_STORE names (`up` runs the consumer that writes it)."""
     import uvicorn
 
     from tokenbus.edge.access import AccessConfigError
     from tokenbus.edge.app import create_app
     from tokenbus.edge.limits import server_config
 
+    audit = AuditSettings() if audit_view or server.audit_view else None
     try:
-        app = create_app(kafka=kafka, settings=server)  # enforces the access rules
+        app = create_app(kafka=kafka, settings=server, audit=audit)  # enforces the access rules
     except AccessConfigError as exc:
         raise SystemExit(f"tokenbus: {exc}") from None
     uv = uvicorn.Server(server_config(app, server, log_level="warning"))

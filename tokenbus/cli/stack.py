@@ -69,7 +69,7 @@ async def _run_stack(
     )  # fmt: skip
     children = {"worker": worker, "audit consumer": audit}
     analytics = await _start_analytics(kafka)  # not watched: the stack goes on without it
-    serving, uv = start_server(kafka, server)
+    serving, uv = start_server(kafka, server, audit_view=True)  # the store `audit` writes
     watching = {asyncio.create_task(child.wait()): name for name, child in children.items()}
     try:
         await announce(server, serving, since=started, worker_ready_fd=ready_fd)

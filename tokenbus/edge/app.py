@@ -24,9 +24,11 @@ from producers.submitter import Submitter
 from relay.hub import StreamHub
 from tokenbus import __version__
 from tokenbus.bus.log import LogReader
-from tokenbus.bus.settings import KafkaSettings, ServerSettings
+from tokenbus.bus.settings import AuditSettings, KafkaSettings, ServerSettings
 
 from .access import Access
+from .audit_routes import AuditView
+from .audit_routes import router as audit_router
 from .directory import RequestDirectory
 from .errors import client_address, error_response, install_error_handlers
 from .limits import BodyLimits
@@ -37,7 +39,10 @@ from .submit_routes import router as submit_router
 log = logging.getLogger(__name__)
 
 
-def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
+def create_app(
+    *, kafka: KafkaSettings, settings: ServerSettings, audit: AuditSettings | None = None
+) -> FastAPI:
+    """``audit``: the audit store to serve the audit view from (none: not served)."""
     # Reads the keys file now, and refuses (AccessConfigError) a file without keys, or
     # no keys at all on an address beyond loopback: whoever builds the app, it fails
     # at start rather than serve without authentication.
@@ -68,6 +73,7 @@ def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
                 "background": background,
                 "server_settings": settings,
                 "registry": registry,
+                "audit_view": AuditView(audit) if audit is not None else None,
             }
         finally:
             hub_task.cancel()
@@ -95,6 +101,7 @@ def create_app(*, kafka: KafkaSettings, settings: ServerSettings) -> FastAPI:
     app.include_router(submit_router)
     app.include_router(openai_router)
     app.include_router(relay_router)
+    app.include_router(audit_router)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
