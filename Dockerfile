@@ -52,6 +52,8 @@ FROM slim-deps AS slim
 COPY --from=package /wheels /wheels
 RUN pip install --no-cache-dir --no-deps /wheels/*.whl && rm -rf /wheels
 USER 10001:10001
+# A directory the user may write to: analytics (Faust) makes its data folder here.
+WORKDIR /home/tokenbus
 EXPOSE 8000
 CMD ["tokenbus", "serve", "--host", "0.0.0.0"]
 
@@ -59,4 +61,5 @@ FROM worker-deps AS worker
 COPY --from=package /wheels /wheels
 RUN pip install --no-cache-dir --no-deps /wheels/*.whl && rm -rf /wheels
 USER 10001:10001
+WORKDIR /home/tokenbus
 CMD ["tokenbus", "worker"]

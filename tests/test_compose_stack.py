@@ -402,6 +402,12 @@ def test_dockerfile_targets_run_unprivileged_with_dependencies_before_the_source
     users = [arguments for kind, arguments in steps if kind == "USER"]
     assert users, f"{target}: no USER, so it runs as root"
     assert users[-1].split(":")[0] not in ("root", "0"), f"{target} runs as root"
+    # ... in a directory of its own (Faust makes its data folder in the working one).
+    workdirs = [arguments for kind, arguments in steps if kind == "WORKDIR"]
+    assert workdirs[-1] == "/home/tokenbus"
+    useradd = next(args for kind, args in steps if kind == "RUN" and "useradd" in args)
+    assert "--uid 10001" in useradd and "--create-home" in useradd
+    assert users[-1] == "10001:10001"
     first_source = next(i for i, step in enumerate(steps) if copies_source(step))
     installs = [
         i for i, (kind, args) in enumerate(steps) if kind == "RUN" and "pip install" in args
@@ -465,3 +471,17 @@ def test_the_dockerfile_is_hadolint_clean() -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_holds_every_package_pyproject_installs() -> None:
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {
+        p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    }
+    copied = {
+        shlex.split(args)[0] for kind, args in dockerfile_stages()["package"] if kind == "COPY"
+    }
+    assert packages <= copied, f"not copied into the image: {sorted(packages - copied)}"
+    assert "README.md" in " ".join(args for _, args in dockerfile_stages()["package"])
