@@ -344,7 +344,8 @@ def test_prometheus_and_grafana_are_provisioned_from_deploy(compose: dict[str, A
     assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
     # The relays' /metrics key reaches Prometheus as a file, never in its config.
     assert "TOKENBUS_METRICS_KEY" in prometheus["environment"]
-    assert "/tmp/tokenbus-metrics-key" in " ".join(prometheus["entrypoint"])
+    assert "> /run/tokenbus/metrics-key" in " ".join(prometheus["entrypoint"])
+    assert "/run/tokenbus" in prometheus["tmpfs"]  # in memory, not on a disk
 
 
 def test_every_image_pulled_is_pinned(compose: dict[str, Any]) -> None:
