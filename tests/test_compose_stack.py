@@ -486,3 +486,8 @@ def test_the_image_holds_every_package_pyproject_installs() -> None:
     }
     assert packages <= copied, f"not copied into the image: {sorted(packages - copied)}"
     assert "README.md" in " ".join(args for _, args in dockerfile_stages()["package"])
+
+
+def test_the_build_context_leaves_out_secrets_and_the_virtual_environment() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".env", ".venv", ".git"} <= set(ignored)
