@@ -160,7 +160,7 @@ def nginx_in_front_of_a_relay(tmp_path: Path) -> Iterator[int]:
     errors = (tmp_path / "nginx.err").open("wb")
     process = subprocess.Popen(args, stderr=errors)
     try:
-        for _ in range(100):
+        for _ in range(200):
             try:
                 httpx.get(f"http://127.0.0.1:{port}/nginx-health", timeout=1)
                 break
