@@ -19,6 +19,7 @@ import yaml
 from tokenbus.cli.parser import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
+ENV_EXAMPLE = ROOT / ".env.example"
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,10 @@ def test_cluster_profile_points_every_tokenbus_service_at_all_three_nodes(
 REQUIRED = {
     "TOKENBUS_API_KEYS": '{"key": "tenant"}',
     "TOKENBUS_STREAM_TOKEN_SECRET": "secret",
+    "TOKENBUS_METRICS_KEY": "metrics-key",
     "TOKENBUS_AUDIT_SIGNING_KEY": "00" * 32,
+    "POSTGRES_PASSWORD": "pg-password",
+    "GRAFANA_ADMIN_PASSWORD": "grafana-password",
 }
 
 
@@ -156,7 +160,9 @@ def compose_config(*files: str) -> dict[str, Any]:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("no docker-compose to check the files with (apt-get install docker-compose)")
-    args = [binary, "--project-directory", str(ROOT)]
+    # --env-file: .env.example (every value empty) rather than a .env someone left
+    # in ROOT, so the environment given here alone counts.
+    args = [binary, "--project-directory", str(ROOT), "--env-file", str(ENV_EXAMPLE)]
     for name in files:
         args += ["-f", str(ROOT / name)]
     result = subprocess.run(
@@ -171,6 +177,41 @@ def test_docker_compose_accepts_the_single_node_layout() -> None:
     services = compose_config("docker-compose.yml")["services"]
     assert services["relay"]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert "kafka-2" not in services
+    assert {"balancer", "prometheus", "grafana"} <= set(services)
+    # The secrets given in the environment reach the services that need them.
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "pg-password"
+    store = services["audit"]["environment"]["TOKENBUS_AUDIT_STORE"]
+    assert store == "postgresql://tokenbus:pg-password@postgres:5432/tokenbus"
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == "grafana-password"
+    assert services["relay"]["environment"]["TOKENBUS_METRICS_KEY"] == "metrics-key"
+    assert services["prometheus"]["environment"]["TOKENBUS_METRICS_KEY"] == "metrics-key"
+    # The slim image for all but the worker; the worker's has torch.
+    for name in ("topics", "relay", "audit", "analytics"):
+        assert services[name]["build"]["target"] == "slim", name
+    assert services["worker"]["build"]["target"] == "worker"
+    # Only the balancer publishes the API's port: `--scale relay=N` cannot clash.
+    published = {
+        name: {str(port.get("published")) for port in service.get("ports", [])}
+        for name, service in services.items()
+    }
+    assert [name for name, ports in published.items() if "8000" in ports] == ["balancer"]
+    assert not published.get("relay")
+
+
+@pytest.mark.parametrize("missing", sorted(REQUIRED))
+def test_docker_compose_refuses_to_start_without_each_secret(missing: str) -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("no docker-compose to check the files with (apt-get install docker-compose)")
+    env = {k: v for k, v in (os.environ | REQUIRED).items() if k != missing}
+    result = subprocess.run(
+        [binary, "--project-directory", str(ROOT), "--env-file", str(ENV_EXAMPLE),
+         "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert missing in result.stderr
 
 
 def test_docker_compose_accepts_the_cluster_layout_laid_over_it() -> None:
