@@ -150,6 +150,7 @@ REQUIRED = {
     "TOKENBUS_STREAM_TOKEN_SECRET": "secret",
     "TOKENBUS_METRICS_KEY": "metrics-key",
     "TOKENBUS_AUDIT_SIGNING_KEY": "00" * 32,
+    "TOKENBUS_AUDIT_PUBLIC_KEY": "11" * 32,
     "POSTGRES_PASSWORD": "pg-password",
     "GRAFANA_ADMIN_PASSWORD": "grafana-password",
 }

@@ -39,8 +39,12 @@ class AuditView:
         store = open_store(self._settings.store, create=False)
         try:
             store.open()
-        except StoreError:
-            return None  # no store yet: the audit consumer has not started
+        except StoreError as exc:
+            if self._settings.store.startswith(("postgresql://", "postgres://")):
+                raise ApiError(
+                    503, "audit_store_unavailable", str(exc), {"Retry-After": "5"}
+                ) from exc
+            return None  # no SQLite file yet: the audit consumer has not started
         try:
             try:
                 # Read each time: under `tokenbus up` the consumer makes its key after
