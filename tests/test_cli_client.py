@@ -23,10 +23,11 @@ from .conftest import Stack, assert_complete, free_port, serving
 LONG = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
 
-async def tokenbus(*args: str) -> tuple[int, str, str]:
-    """Run ``tokenbus ARGS`` without this session's TOKENBUS_ and KAFKA_ settings:
-    its exit status, stdout and stderr."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENBUS_", "KAFKA_"))}
+async def tokenbus(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``tokenbus ARGS`` without this session's TOKENBUS_ and KAFKA_ settings (but
+    with ``env``): its exit status, stdout and stderr."""
+    mine = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENBUS_", "KAFKA_"))}
+    env = mine | (env or {})
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tokenbus", *args, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -102,6 +103,8 @@ async def test_an_unreachable_server_is_one_line_and_debug_shows_the_traceback(
     status, _, err = await tokenbus("--debug", *args, "--url", url)
     assert status == 1
     assert "Traceback" in err and "httpx.ConnectError" in err
+    status, _, err = await tokenbus(*args, "--url", url, env={"TOKENBUS_DEBUG": "1"})
+    assert status == 1 and "Traceback" in err
 
 
 @pytest.mark.parametrize("command", ["serve", "up"])

@@ -44,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         # A user's mistake (no server there, a wrong key, a port in use) is one line
         # saying what to do; --debug, or anything else, keeps the traceback.
-        error = None if args.debug else user_error(exc, args.command)
+        debug = args.debug or os.environ.get("TOKENBUS_DEBUG", "").lower() in ("1", "true")
+        error = None if debug else user_error(exc, args.command)
         if error is None:
             raise
         print(error.message, file=sys.stderr)

@@ -16,7 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenbus", description="LLM token streaming over Kafka.")
     parser.add_argument("--version", action="version", version=f"tokenbus {__version__}")
     parser.add_argument(
-        "--debug", action="store_true", help="show the traceback of an error, not one line"
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error, not one line [TOKENBUS_DEBUG=1]",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
