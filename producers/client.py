@@ -1,58 +1,42 @@
-"""An async Python client for tokenbus.
+"""The async Python client, `AsyncTokenbus` (also named `TokenbusClient`).
 
-    async with TokenbusClient("http://127.0.0.1:8000") as client:
-        submission = await client.submit(prompt="Write a haiku about Kafka")
+    async with AsyncTokenbus("http://127.0.0.1:8000") as client:
+        submission = await client.submit("Write a haiku about Kafka", max_tokens=64)
         async for event in client.stream(submission.request_id):
             ...
 
 `stream` resumes with ``Last-Event-ID`` after a dropped connection, so the events
-it yields are contiguous and end with the terminal one.
+it yields are contiguous and end with the terminal one. `Tokenbus` (sync_client.py)
+is the same client without asyncio; both build on `protocol`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
-from typing import Any
 
 import httpx
 from httpx_sse import SSEError, aconnect_sse
 
-from schemas import StreamEvent, decode_event, is_terminal
+from schemas import StreamEvent, is_terminal
+
+from .protocol import (
+    Pace,
+    StreamCursor,
+    Submission,
+    headers_for,
+    raise_for_error,
+    request_path,
+    submission_of,
+    submit_body,
+    timeout_of,
+)
 
 
-class TokenbusError(Exception):
-    """The server refused: ``status`` and ``code`` say why, ``message`` what to do."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-class StreamTruncated(Exception):
-    """The relay could not serve the stream from where it was asked (the log's
-    retention window passed it); the server's ``code`` and ``message`` say more."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class Submission:
-    request_id: uuid.UUID
-    events_url: str
-    # Reads this one stream without the API key (`?token=`, for an EventSource).
-    stream_token: str | None = None
-
-
-class TokenbusClient:
+class AsyncTokenbus:
     def __init__(
         self,
         base_url: str = "http://127.0.0.1:8000",
@@ -63,10 +47,11 @@ class TokenbusClient:
         http: httpx.AsyncClient | None = None,
     ) -> None:
         """``api_key``: sent as ``Authorization: Bearer`` on every call, for a server
-        with keys configured (it names the tenant)."""
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        with keys configured (it names the tenant). ``timeout``: for connecting and
+        for each call except reading a stream, which may be quiet for long.
+        ``max_reconnects``: dropped connections in a row that `stream` resumes."""
         self._http = http or httpx.AsyncClient(
-            base_url=base_url, timeout=httpx.Timeout(timeout, read=None), headers=headers
+            base_url=base_url, timeout=timeout_of(timeout), headers=headers_for(api_key)
         )
         self._max_reconnects = max_reconnects
 
@@ -74,25 +59,35 @@ class TokenbusClient:
         self,
         prompt: str | None = None,
         *,
-        messages: list[dict[str, str]] | None = None,
-        **params: Any,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        deadline: datetime | None = None,
+        metadata: Mapping[str, str] | None = None,
+        cancel_on_disconnect: bool | None = None,
     ) -> Submission:
-        """Submit a job; returns once the broker has it. ``params``: model,
-        max_tokens, temperature, top_p, top_k, seed, stop, deadline, metadata."""
-        body: dict[str, Any] = {k: v for k, v in params.items() if v is not None}
-        if prompt is not None:
-            body["prompt"] = prompt
-        if messages is not None:
-            body["messages"] = messages
-        response = await self._http.post("/v1/requests", json=body)
-        _raise_for_error(response)
-        data = response.json()
-        return Submission(
-            uuid.UUID(data["request_id"]), data["events_url"], data.get("stream_token")
-        )
+        """Submit a job (a ``prompt`` or a chat of ``messages``); returns once the
+        broker has it. What is not given takes the server's default."""
+        body = submit_body(
+            prompt, messages, model=model, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed, stop=stop, deadline=deadline,
+            metadata=metadata, cancel_on_disconnect=cancel_on_disconnect,
+        )  # fmt: skip
+        return submission_of(await self._http.post("/v1/requests", json=body))
+
+    async def cancel(self, request_id: uuid.UUID | str) -> None:
+        """Ask the worker generating ``request_id`` to stop; its stream then ends
+        with ``finish_reason: "cancelled"``. Raises `TokenbusError` (404) for an id
+        the server does not know."""
+        raise_for_error(await self._http.delete(request_path(request_id)))
 
     async def stream(
-        self, request_id: uuid.UUID | str, *, after: int = -1, pace: str = "fast"
+        self, request_id: uuid.UUID | str, *, after: int = -1, pace: Pace = "fast"
     ) -> AsyncIterator[StreamEvent]:
         """Events after seq ``after``, reconnecting where the last one left off.
         ``pace="original"`` replays a finished stream with its recorded timing.
@@ -101,45 +96,35 @@ class TokenbusClient:
         (416 ``after_end_of_stream``) if it finished before, and `StreamTruncated`
         if the log no longer holds the events asked for.
         """
-        last = after
-        failures = 0
-        url = f"/v1/requests/{request_id}/events"
-        params = {"pace": pace} if pace != "fast" else {}
+        cursor = StreamCursor(
+            request_id, after=after, pace=pace, max_reconnects=self._max_reconnects
+        )
         while True:
-            headers = {"Last-Event-ID": str(last)} if last >= 0 else {}
             try:
+                headers, params = cursor.headers(), cursor.params
                 async with aconnect_sse(
-                    self._http, "GET", url, headers=headers, params=params
+                    self._http, "GET", cursor.url, headers=headers, params=params
                 ) as source:
                     if source.response.is_error:
                         await source.response.aread()
-                        _raise_for_error(source.response)
-                    if source.response.status_code == 204:
-                        return  # the stream ended at `last`: nothing is left to send
+                    if not cursor.opened(source.response):
+                        return
                     async for message in source.aiter_sse():
-                        if not message.data:
-                            continue  # a keep-alive comment
-                        if message.event == "error":
-                            error = message.json()
-                            raise StreamTruncated(error["code"], error["message"])
-                        event = decode_event(message.data.encode())
-                        if event.seq <= last:
-                            continue
-                        failures = 0
-                        last = event.seq
-                        yield event
-                        if is_terminal(event):
-                            return
+                        event = cursor.event_of(message)
+                        if event is not None:
+                            yield event
+                            if is_terminal(event):
+                                return
             except (httpx.TransportError, SSEError):
-                failures += 1
-                if failures > self._max_reconnects:
+                delay = cursor.retry_delay()
+                if delay is None:
                     raise
-                await asyncio.sleep(min(0.1 * 2**failures, 5.0))  # reconnect backoff
+                await asyncio.sleep(delay)  # reconnect backoff
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> TokenbusClient:
+    async def __aenter__(self) -> AsyncTokenbus:
         return self
 
     async def __aexit__(
@@ -151,11 +136,5 @@ class TokenbusClient:
         await self.aclose()
 
 
-def _raise_for_error(response: httpx.Response) -> None:
-    if not response.is_error:
-        return
-    try:
-        error = response.json()["error"]
-        raise TokenbusError(response.status_code, error["code"], error["message"])
-    except (ValueError, KeyError, TypeError):
-        raise TokenbusError(response.status_code, "http_error", response.text) from None
+# The first name of the async client, kept for the code that uses it.
+TokenbusClient = AsyncTokenbus

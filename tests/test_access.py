@@ -241,3 +241,4 @@ async def test_the_python_client_and_the_cli_authenticate_with_an_api_key(
         status, err = await cli("--api-key", "not-a-key", key="key-globex")  # the flag wins
         assert status == 1
         assert err.startswith("tokenbus: 401") and "Traceback" not in err
+        assert err.count("\n") == 1 and "--api-key or TOKENBUS_API_KEY" in err  # what to do

@@ -142,9 +142,11 @@ def test_a_worker_without_its_model_says_what_is_missing(tmp_path: Path) -> None
         [sys.executable, "-m", "tokenbus", "worker", f"--model={tmp_path}"],
         capture_output=True, text=True, timeout=120, env=_env(),
     )  # fmt: skip
-    assert worker.returncode == 1
-    assert f"tokenbus worker: {tmp_path} is not a transformers model directory" in worker.stderr
-    assert "Traceback" not in worker.stderr
+    assert worker.returncode == 2  # a setting that cannot work, said before torch loads
+    assert worker.stderr.startswith(
+        f"tokenbus worker: {tmp_path} is not a transformers model directory (no config.json)"
+    )
+    assert "Traceback" not in worker.stderr and worker.stderr.count("\n") == 1
 
 
 def test_unknown_command_is_a_usage_error() -> None:

@@ -1,20 +1,24 @@
-"""The Python client: a dropped connection is resumed with Last-Event-ID, and what
-`stream` yields stays contiguous and duplicate-free."""
+"""The Python clients, sync and async: a dropped connection is resumed with
+Last-Event-ID, and what `stream` yields stays contiguous and duplicate-free; typed
+parameters, `stop` as one string, `cancel`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 
-from producers import TokenbusClient, TokenbusError
-from schemas import uuid7
+from producers import AsyncTokenbus, Submission, Tokenbus, TokenbusClient, TokenbusError
+from schemas import FinishedEvent, FinishReason, StreamEvent, uuid7
 
-from .conftest import Stack, assert_complete, collect, free_port
+from .conftest import Stack, assert_complete, collect, free_port, text_of
 
 CHAT = [{"role": "user", "content": "Count from one to twenty in words."}]
+LONG = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
 
 class CuttingProxy:
@@ -73,3 +77,89 @@ async def test_unknown_request_raises_with_the_servers_reason(stack: Stack) -> N
     with pytest.raises(TokenbusError) as caught:
         await collect(stack.client, uuid7())
     assert caught.value.status == 404 and caught.value.code == "unknown_request"
+
+
+async def test_the_sync_client_resumes_after_the_connection_drops(stack: Stack) -> None:
+    submission = await stack.client.submit(messages=CHAT, max_tokens=48, temperature=0)
+    relay_port = int(stack.url.rsplit(":", 1)[1])
+    proxy = CuttingProxy(relay_port, cut_after=2500, cuts=2)
+
+    def read(url: str) -> list[StreamEvent]:  # blocking: on a thread, off the server's loop
+        with Tokenbus(url) as client:
+            return list(client.stream(submission.request_id))
+
+    async with proxy.running() as url:
+        through_cuts = await asyncio.to_thread(read, url)
+    assert proxy.cuts_left == 0
+    assert_complete(through_cuts)
+    assert through_cuts == await collect(stack.client, submission.request_id)
+
+
+async def test_stop_as_one_string_stops_there_as_a_list_does(stack: Stack) -> None:
+    """The native API takes a list; the clients take one string too, as the OpenAI
+    endpoint does."""
+    plain = await stack.client.submit(messages=CHAT, max_tokens=24, temperature=0)
+    text = text_of(await collect(stack.client, plain.request_id))
+    word = text.split()[3]
+    answers = []
+    for stop in (word, [word]):
+        stopped = await stack.client.submit(messages=CHAT, max_tokens=24, temperature=0, stop=stop)
+        answers.append(await collect(stack.client, stopped.request_id))
+    for events in answers:
+        finished = events[-1]
+        assert isinstance(finished, FinishedEvent) and finished.finish_reason == FinishReason.STOP
+        assert text.startswith(text_of(events)) and word not in text_of(events)
+    assert text_of(answers[0]) == text_of(answers[1])
+
+
+async def test_every_typed_parameter_is_sent_as_the_api_reads_it(stack: Stack) -> None:
+    deadline = datetime.now(UTC) + timedelta(minutes=5)
+
+    def submit() -> Submission:
+        with Tokenbus(stack.url) as client:
+            return client.submit(
+                "Once upon a time", model="default", max_tokens=4, temperature=0.7, top_p=0.9,
+                top_k=40, seed=7, stop="\n", deadline=deadline, metadata={"team": "docs"},
+            )  # fmt: skip
+
+    submission = await asyncio.to_thread(submit)
+    assert_complete(await collect(stack.client, submission.request_id))
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await stack.client.submit("Hi", deadline=datetime.now())  # noqa: DTZ005
+
+
+async def test_cancel_from_either_client(stack: Stack) -> None:
+    submission = await stack.client.submit(messages=LONG, max_tokens=400, temperature=0)
+    events = []
+    async for event in stack.client.stream(submission.request_id):
+        events.append(event)
+        if event.seq == 3:
+            await stack.client.cancel(submission.request_id)
+    assert_complete(events)
+    assert isinstance(events[-1], FinishedEvent)
+    assert events[-1].finish_reason == FinishReason.CANCELLED
+
+    def cancel_unknown() -> None:
+        with Tokenbus(stack.url) as client:
+            client.cancel(uuid7())
+
+    with pytest.raises(TokenbusError) as caught:
+        await asyncio.to_thread(cancel_unknown)
+    assert caught.value.status == 404 and caught.value.code == "unknown_request"
+
+
+async def test_a_server_that_is_not_there_is_said_at_once_not_retried() -> None:
+    """Reconnecting is for a stream that was open; a first connection that fails is a
+    wrong URL or a stopped server, raised on the first try."""
+    attempts = 0
+
+    async def count(request: httpx.Request) -> None:
+        nonlocal attempts
+        attempts += 1
+
+    url = f"http://127.0.0.1:{free_port()}"
+    async with httpx.AsyncClient(base_url=url, event_hooks={"request": [count]}) as http:
+        client = AsyncTokenbus(http=http)
+        with pytest.raises(httpx.ConnectError):
+            await collect(client, uuid7())
+    assert attempts == 1

@@ -2,8 +2,9 @@
 
 One module per concern: `stack` (``up``, the supervisor of the rest), `broker`
 (the embedded broker, the topics), `serve`, `worker`, `analytics`, `audit`,
-`client` (submit, stream, replay) and `parser`; `settings` (flags, the
-environment, `SetupError`) and `interrupts` (Ctrl-C, SIGTERM) are what they share.
+`client` (submit, stream, replay, cancel) and `parser`; `settings` (flags, the
+environment, `SetupError`), `errors` (what a user got wrong, in one line) and
+`interrupts` (Ctrl-C, SIGTERM) are what they share.
 A command imports what it runs (torch, Faust, the audit store, the HTTP app) when
 it runs, never at module level: ``tokenbus --help`` and the client commands stay
 fast.
@@ -16,9 +17,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from tokenbus.cli.errors import user_error
 from tokenbus.cli.interrupts import handle_interrupts
 from tokenbus.cli.parser import build_parser
-from tokenbus.cli.settings import SetupError
 
 __all__ = ["main"]
 
@@ -40,6 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except SetupError as exc:
-        print(f"tokenbus {args.command}: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        # A user's mistake (no server there, a wrong key, a port in use) is one line
+        # saying what to do; --debug, or anything else, keeps the traceback.
+        debug = args.debug or os.environ.get("TOKENBUS_DEBUG", "").lower() in ("1", "true")
+        error = None if debug else user_error(exc, args.command)
+        if error is None:
+            raise
+        print(error.message, file=sys.stderr)
+        return error.status

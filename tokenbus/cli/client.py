@@ -1,15 +1,27 @@
 """The client commands, over HTTP (TOKENBUS_URL): `submit` a job, `stream` one by
-request id, `replay` a finished one."""
+request id, `replay` a finished one, `cancel` one. What the server refuses, and a
+server that is not there, are one line each (`tokenbus.cli.errors`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tokenbus.bus.settings import ClientSettings
-from tokenbus.cli.settings import given
+from tokenbus.cli.settings import given, request_id
+
+if TYPE_CHECKING:
+    from producers import AsyncTokenbus  # imported where used, with httpx
+    from producers.protocol import Pace
+
+
+def _client(args: argparse.Namespace) -> AsyncTokenbus:
+    from producers import AsyncTokenbus
+
+    settings = ClientSettings(**given(url=args.url, api_key=args.api_key))
+    return AsyncTokenbus(settings.url, api_key=settings.key())
 
 
 def submit(args: argparse.Namespace) -> int:
@@ -17,20 +29,14 @@ def submit(args: argparse.Namespace) -> int:
 
 
 async def _submit(args: argparse.Namespace) -> int:
-    from producers import TokenbusClient, TokenbusError
-
-    settings = ClientSettings(**given(url=args.url, api_key=args.api_key))
-    async with TokenbusClient(settings.url, api_key=settings.key()) as client:
-        params = given(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-        try:
-            if args.raw:
-                submission = await client.submit(args.prompt, **params)
-            else:
-                messages = [{"role": "user", "content": args.prompt}]
-                submission = await client.submit(messages=messages, **params)
-        except TokenbusError as exc:  # 401 without a key, 422 …: a reason, no traceback
-            print(f"tokenbus: {exc}", file=sys.stderr)
-            return 1
+    async with _client(args) as client:
+        sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature,
+                    "seed": args.seed}  # fmt: skip
+        if args.raw:
+            submission = await client.submit(args.prompt, **sampling)
+        else:
+            messages = [{"role": "user", "content": args.prompt}]
+            submission = await client.submit(messages=messages, **sampling)
         print(submission.request_id, file=sys.stderr if args.follow else sys.stdout)
         if not args.follow:
             return 0
@@ -45,22 +51,28 @@ def replay(args: argparse.Namespace) -> int:
     return asyncio.run(_stream(args, after=-1, pace=args.pace))
 
 
-async def _stream(args: argparse.Namespace, *, after: int, pace: str = "fast") -> int:
-    from producers import TokenbusClient, TokenbusError
+async def _stream(args: argparse.Namespace, *, after: int, pace: Pace = "fast") -> int:
+    rid = str(request_id(args.request_id))
+    async with _client(args) as client:
+        return await _print_stream(client, rid, after=after, as_json=args.json, pace=pace)
 
-    settings = ClientSettings(**given(url=args.url, api_key=args.api_key))
-    async with TokenbusClient(settings.url, api_key=settings.key()) as client:
-        try:
-            return await _print_stream(client, args.request_id, after=after, as_json=args.json,
-                                       pace=pace)  # fmt: skip
-        except TokenbusError as exc:  # 404, 416 after_end_of_stream …: a reason, no traceback
-            print(f"tokenbus: {exc}", file=sys.stderr)
-            return 1
+
+def cancel(args: argparse.Namespace) -> int:
+    rid = request_id(args.request_id)
+
+    async def run() -> None:
+        async with _client(args) as client:
+            await client.cancel(rid)
+
+    asyncio.run(run())
+    print(f"cancelling {rid}")
+    return 0
 
 
 async def _print_stream(
-    client: Any, request_id: str, *, after: int, as_json: bool = False, pace: str = "fast"
-) -> int:
+    client: AsyncTokenbus, request_id: str, *, after: int, as_json: bool = False,
+    pace: Pace = "fast",
+) -> int:  # fmt: skip
     """Print the text as it arrives (or every event as a JSON line); 1 if it failed."""
     from schemas import FailedEvent, FinishedEvent, TokenEvent
 

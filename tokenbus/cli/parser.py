@@ -15,6 +15,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="tokenbus", description="LLM token streaming over Kafka.")
     parser.add_argument("--version", action="version", version=f"tokenbus {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error, not one line [TOKENBUS_DEBUG=1]",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up_cmd = commands.add_parser("up", help="everything on the embedded default; Ctrl-C stops all")
@@ -80,6 +85,11 @@ def _client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     )  # fmt: skip
     _url_flag(replay)
     replay.set_defaults(run=client.replay)
+
+    cancel = commands.add_parser("cancel", help="stop generating a request")
+    cancel.add_argument("request_id")
+    _url_flag(cancel)
+    cancel.set_defaults(run=client.cancel)
 
 
 def _audit_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

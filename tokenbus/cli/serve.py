@@ -13,13 +13,14 @@ import time
 from typing import Any
 
 from tokenbus.bus.settings import AuditSettings, KafkaSettings, ServerSettings
-from tokenbus.cli.settings import check_kafka, given, kafka_settings
+from tokenbus.cli.settings import check_kafka, check_port_free, given, kafka_settings
 
 _EXAMPLE_BODY = '{"messages": [{"role": "user", "content": "Hi!"}], "temperature": 0.2}'
 
 
 def serve(args: argparse.Namespace) -> int:
     server = ServerSettings(**given(port=args.port, host=args.host))
+    check_port_free(server.host, server.port, "--port / TOKENBUS_PORT")
     kafka = kafka_settings()
     check_kafka(kafka)
     asyncio.run(_serve(kafka, server))

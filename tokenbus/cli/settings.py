@@ -1,16 +1,18 @@
-"""Settings from flags and the environment, and `SetupError`: a setting that cannot
-work is one line saying which, not a traceback."""
+"""Settings from flags and the environment, and `SetupError`: a setting or an
+argument that cannot work is one line saying which, not a traceback."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
+from pathlib import Path
 from typing import Any
 
 from tokenbus.bus.settings import KafkaSettings
 
 
 class SetupError(Exception):
-    """A setting that cannot work: printed as one line, exit status 2."""
+    """A setting or an argument that cannot work: printed as one line, exit status 2."""
 
 
 def given(**flags: Any) -> dict[str, Any]:
@@ -45,3 +47,42 @@ def check_kafka(kafka: KafkaSettings) -> None:
         asyncio.run(check_connection(kafka))
     except KafkaSetupError as exc:
         raise SetupError(str(exc)) from None
+
+
+def request_id(raw: str) -> uuid.UUID:
+    """A request id from the command line, checked before anything is sent."""
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise SetupError(
+            f"{raw!r} is not a request id: give the UUID that `tokenbus submit` printed"
+        ) from None
+
+
+def check_port_free(host: str, port: int, setting: str) -> None:
+    """Fail at start, in one line, if something already listens on ``port``."""
+    from tokenbus.bus.ports import port_open
+
+    if port_open(host, port):
+        raise SetupError(
+            f"port {port} on {host} is in use (another tokenbus?): stop what listens "
+            f"there, or choose another port with {setting}"
+        )
+
+
+def check_model_path(path: str | None) -> None:
+    """Fail at start, in one line, if ``--model`` / TOKENBUS_MODEL names no model
+    directory; before torch is imported or a broker started."""
+    if path is None:
+        return
+    directory = Path(path)
+    if not directory.exists():
+        raise SetupError(
+            f"--model / TOKENBUS_MODEL: {path} does not exist; give a local transformers "
+            "model directory, or leave it out for the default SmolLM2"
+        )
+    if not (directory / "config.json").is_file():
+        raise SetupError(
+            f"{path} is not a transformers model directory (no config.json); give one "
+            "with --model / TOKENBUS_MODEL, or leave it out for the default SmolLM2"
+        )

@@ -15,9 +15,15 @@ import sys
 import time
 
 from tokenbus.bus.children import die_with_parent
-from tokenbus.bus.settings import KafkaSettings, ServerSettings, kafka_env
+from tokenbus.bus.settings import KafkaSettings, ServerSettings, WorkerSettings, kafka_env
 from tokenbus.cli.serve import announce, start_server
-from tokenbus.cli.settings import check_kafka, given, kafka_settings
+from tokenbus.cli.settings import (
+    check_kafka,
+    check_model_path,
+    check_port_free,
+    given,
+    kafka_settings,
+)
 
 log = logging.getLogger("tokenbus")
 
@@ -27,6 +33,9 @@ def up(args: argparse.Namespace) -> int:
 
     kafka = kafka_settings(**given(broker_port=args.broker_port))
     server = ServerSettings(**given(port=args.port, host=args.host))
+    # What would stop the stack later, said before anything starts.
+    check_port_free(server.host, server.port, "--port / TOKENBUS_PORT")
+    check_model_path(WorkerSettings(**given(model=args.model)).model)
     if not kafka.embedded:
         check_kafka(kafka)
     started = time.perf_counter()

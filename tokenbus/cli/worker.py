@@ -9,7 +9,7 @@ import os
 from typing import TYPE_CHECKING
 
 from tokenbus.bus.settings import WorkerSettings
-from tokenbus.cli.settings import check_kafka, given, kafka_settings
+from tokenbus.cli.settings import check_kafka, check_model_path, given, kafka_settings
 
 if TYPE_CHECKING:
     from workers import Worker  # imported where used: torch is slow to import
@@ -18,13 +18,14 @@ log = logging.getLogger("tokenbus")
 
 
 def worker(args: argparse.Namespace) -> int:
-    from workers import ModelLoadError, Worker, load_model
-
     kafka = kafka_settings()
     settings = WorkerSettings(
         **given(model=args.model, device=args.device, max_batch=args.max_batch)
     )
+    check_model_path(settings.model)  # before torch is imported
     check_kafka(kafka)  # before the model loads: seconds sooner
+    from workers import ModelLoadError, Worker, load_model
+
     try:
         loaded = load_model(
             settings.model,
