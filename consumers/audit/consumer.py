@@ -24,6 +24,7 @@ from aiokafka.structs import ConsumerRecord
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tokenbus.bus.kafka import ensure_topics, new_consumer, partitions_of
+from tokenbus.bus.lag import PartitionLag
 from tokenbus.bus.restarts import LogRestarts
 from tokenbus.bus.settings import AuditSettings, KafkaSettings
 
@@ -92,6 +93,10 @@ class AuditConsumer:
         # Where it stands: the next offset of each partition, as written to the store.
         self.positions: dict[Position, int] = {}
         self.ready = asyncio.Event()  # set once it is assigned and positioned
+        self.lag = PartitionLag(
+            "tokenbus_audit_lag_records",
+            "Records not yet in the audit store: log end minus the store's position",
+        )
         self._group_committed = time.monotonic()
 
     async def run(self) -> None:
@@ -169,6 +174,7 @@ class AuditConsumer:
             records = [record for batch in fetched.values() for record in batch]
             if records:
                 await _blocking(functools.partial(self._write, records))
+            await self.lag.measure(consumer, self._stored_through)
             # Reading a restarted log again is safe: what the store holds is skipped.
             quiet = [tp for tp in consumer.assignment() if not fetched.get(tp)]
             await restarts.rewind(quiet)
@@ -183,6 +189,9 @@ class AuditConsumer:
         self._ingest.committed(batch)
         self._checkpointer.written(len(batch.events) + len(batch.requests))
         self.positions.update(batch.positions)
+
+    def _stored_through(self, tp: TopicPartition) -> int | None:
+        return self.positions.get((tp.topic, tp.partition))
 
     async def _commit_group(self, consumer: AIOKafkaConsumer) -> None:
         """Best effort, and never while cancelled halfway: the store holds the positions."""

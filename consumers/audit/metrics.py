@@ -44,9 +44,14 @@ class AuditCollector(Collector):
         )
 
 
-def serve_metrics(stats: AuditStats, port: int, host: str = "127.0.0.1") -> WSGIServer:
-    """Serve ``/metrics`` on ``host:port``; loopback unless told otherwise."""
+def serve_metrics(
+    stats: AuditStats, port: int, host: str = "127.0.0.1", *, lag: Collector | None = None
+) -> WSGIServer:
+    """Serve ``/metrics`` on ``host:port``; loopback unless told otherwise. ``lag``: the
+    consumer's `PartitionLag`, exported with the counters."""
     registry = CollectorRegistry()
     registry.register(AuditCollector(stats))
+    if lag is not None:
+        registry.register(lag)
     server, _ = start_http_server(port, addr=host, registry=registry)
     return server
