@@ -24,13 +24,13 @@ from aiokafka.structs import ConsumerRecord
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tokenbus.bus.kafka import ensure_topics, new_consumer, partitions_of
-from tokenbus.bus.lag import PartitionLag
 from tokenbus.bus.restarts import LogRestarts
 from tokenbus.bus.settings import AuditSettings, KafkaSettings
 
 from .checkpoints import Checkpointer
 from .ingest import AuditStats, Ingest, StreamStates
 from .keys import public_key_hex
+from .metrics import audit_lag
 from .records import Position
 from .store import AuditStore
 from .witness import Publisher, default_store_id
@@ -93,10 +93,7 @@ class AuditConsumer:
         # Where it stands: the next offset of each partition, as written to the store.
         self.positions: dict[Position, int] = {}
         self.ready = asyncio.Event()  # set once it is assigned and positioned
-        self.lag = PartitionLag(
-            "tokenbus_audit_lag_records",
-            "Records not yet in the audit store: log end minus the store's position",
-        )
+        self.lag = audit_lag()  # served with stats by `tokenbus audit run`
         self._group_committed = time.monotonic()
 
     async def run(self) -> None:

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from tokenbus.bus.lag import PartitionLag
+
 from .ingest import AuditStats
 
 
@@ -42,6 +44,14 @@ class AuditCollector(Collector):
         yield CounterMetricFamily(
             "tokenbus_audit_checkpoints", "Signed checkpoints written", value=stats.checkpoints
         )
+
+
+def audit_lag() -> PartitionLag:
+    return PartitionLag(
+        "tokenbus_audit_lag_records",
+        "Records of tokenbus.requests and tokenbus.tokens not yet in the audit store: "
+        "log end minus the store's position",
+    )
 
 
 def serve_metrics(
