@@ -16,6 +16,7 @@ measurement.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+_LIST_TIMEOUT_S = 2.0
 
 
 class PartitionLag(Collector):
@@ -53,8 +56,11 @@ class PartitionLag(Collector):
         if paused and time.monotonic() - self._listed_at >= self._refresh_s:
             self._listed_at = time.monotonic()
             try:
-                self._listed = await consumer.end_offsets(list(paused))
-            except (KafkaError, IllegalStateError):
+                # Bounded: the reader's loop waits on this, and a broker away would
+                # hold it for the whole request timeout.
+                async with asyncio.timeout(_LIST_TIMEOUT_S):
+                    self._listed = await consumer.end_offsets(list(paused))
+            except (KafkaError, IllegalStateError, TimeoutError):
                 self._listed = {}  # the fetch high watermark alone, this time
         lag: dict[TopicPartition, int] = {}
         for tp in assigned:
