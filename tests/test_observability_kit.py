@@ -175,7 +175,7 @@ def test_the_prometheus_config_passes_promtool_check_config(tmp_path: Path) -> N
     assert syntax.returncode == 0, syntax.stdout + syntax.stderr
     # In full, with its rule file, as Prometheus will load it: the relay's metrics
     # key is a compose secret, so here it is a file of the test's.
-    secret = "/run/secrets/tokenbus_metrics_key"
+    secret = "/run/tokenbus/metrics-key"
     assert secret in config.read_text()
     key = tmp_path / "metrics-key"
     key.write_text("test-key\n")
