@@ -140,6 +140,10 @@ def test_prometheus_scrapes_the_ports_compose_serves_metrics_on() -> None:
     assert ports["relay"] == {_port_flag(compose["relay"]["command"])}
     assert ports["analytics"] == {_port_flag(compose["analytics"]["command"])}
     assert config["rule_files"] == ["alerts.yml"]  # beside it, in /etc/prometheus
+    # The relay's metrics key: where compose's prometheus service writes it.
+    (relay,) = (job for job in config["scrape_configs"] if job["job_name"] == "relay")
+    key_file = relay["authorization"]["credentials_file"]
+    assert f"> {key_file}" in " ".join(compose["prometheus"]["entrypoint"])
 
 
 def _ports(job: dict[str, Any]) -> set[int]:
