@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
 
@@ -20,7 +20,6 @@ from schemas import (
     FinishedEvent,
     FinishReason,
     StartedEvent,
-    StreamEvent,
     Timings,
     TokenEvent,
     Usage,
@@ -29,6 +28,8 @@ from schemas import (
 )
 
 _PRUNE_AT = 256
+
+_Event = TypeVar("_Event", StartedEvent, TokenEvent, FinishedEvent, FailedEvent)
 
 
 class EventStream:
@@ -51,6 +52,7 @@ class EventStream:
         self.attempt = attempt  # see schemas.fencing
         self.next_seq = 0
         self._deliveries: list[asyncio.Future[Any]] = []
+        self.terminal: FinishedEvent | FailedEvent | None = None  # once the broker has it
 
     async def started(self, **fields: Any) -> None:
         await self._publish(StartedEvent, fields)
@@ -59,21 +61,23 @@ class EventStream:
         await self._publish(TokenEvent, {"text": text, "token_ids": token_ids, "logprob": logprob})
 
     async def finished(self, reason: FinishReason, usage: Usage, timings: Timings) -> None:
-        await self._publish(
+        event = await self._publish(
             FinishedEvent, {"finish_reason": reason, "usage": usage, "timings": timings}
         )
         await self.flush()
+        self.terminal = event
 
     async def failed(self, code: ErrorCode, message: str) -> None:
-        await self._publish(FailedEvent, {"code": code, "message": message})
+        event = await self._publish(FailedEvent, {"code": code, "message": message})
         await self.flush()
+        self.terminal = event
 
     async def flush(self) -> None:
         """Wait until the broker has every event sent so far (raises if it refused one)."""
         deliveries, self._deliveries = self._deliveries, []
         await asyncio.gather(*deliveries)
 
-    async def _publish(self, kind: type[StreamEvent], fields: dict[str, Any]) -> None:
+    async def _publish(self, kind: type[_Event], fields: dict[str, Any]) -> _Event:
         event = kind(
             request_id=self.request_id,
             seq=self.next_seq,
@@ -90,3 +94,4 @@ class EventStream:
             for d in done:
                 d.result()  # surface a refused event now, not at the end
             self._deliveries = [d for d in self._deliveries if not d.done()]
+        return event

@@ -37,6 +37,7 @@ from aiokafka.structs import ConsumerRecord
 
 from schemas import (
     ErrorCode,
+    FinishedEvent,
     FinishReason,
     GenerationRequest,
     MalformedMessage,
@@ -55,6 +56,7 @@ from tokenbus.bus.settings import KafkaSettings, WorkerSettings
 from .control import CancelWatcher
 from .engine import GenerationEngine, PromptError
 from .membership import group_consumer
+from .metrics import UNKNOWN_MODEL, RequestMetrics
 from .models import LoadedModel
 from .offsets import OffsetTracker
 from .ownership import Ownership
@@ -99,6 +101,7 @@ class Worker:
         self.ready = asyncio.Event()  # set once the consumer has its partitions
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        self.metrics = RequestMetrics()  # served by `tokenbus worker` with the engine's
 
     @property
     def worker_id(self) -> str:
@@ -148,6 +151,7 @@ class Worker:
             for tp, records in batches.items():
                 for record in records:
                     await self._accept(tp, record)
+            await self.metrics.lag.measure(consumer, self._offsets.committable)
 
     async def _accept(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
         term = self._ownership.term(tp)
@@ -212,13 +216,25 @@ class Worker:
 
     async def _serve_job(self, job: Job, producer: AIOKafkaProducer) -> None:
         while self._owned(job):  # ends: every try is an attempt in the log, and they are limited
+            stream = self._stream(producer, job)
             try:
-                await self._serve(job, self._stream(producer, job))
+                await self._serve(job, stream)
+                self._observe_latency(job.request, stream)
                 break
             except GenerationCrashed:
                 log.exception("generation of %s crashed; trying again under a new attempt",
                               job.request.request_id)  # fmt: skip
         await self._commit(job.tp, job.term, job.offset)
+
+    def _observe_latency(self, request: GenerationRequest, stream: EventStream) -> None:
+        """End to end, if this attempt published the terminal event (see RequestMetrics)."""
+        end = stream.terminal
+        if end is None:
+            return
+        model = self._model.name if request.model in self._names else UNKNOWN_MODEL
+        outcome = end.finish_reason.value if isinstance(end, FinishedEvent) else "failed"
+        seconds = (end.ts - request.submitted_at).total_seconds()
+        self.metrics.latency.labels(model, outcome).observe(max(seconds, 0.0))
 
     def _owned(self, job: Job) -> bool:
         """Whether ``job``'s partition is still this worker's, in the term it came in."""

@@ -30,6 +30,7 @@ from tokenbus.bus.settings import AuditSettings, KafkaSettings
 from .checkpoints import Checkpointer
 from .ingest import AuditStats, Ingest, StreamStates
 from .keys import public_key_hex
+from .metrics import audit_lag
 from .records import Position
 from .store import AuditStore
 from .witness import Publisher, default_store_id
@@ -92,6 +93,7 @@ class AuditConsumer:
         # Where it stands: the next offset of each partition, as written to the store.
         self.positions: dict[Position, int] = {}
         self.ready = asyncio.Event()  # set once it is assigned and positioned
+        self.lag = audit_lag()  # served with stats by `tokenbus audit run`
         self._group_committed = time.monotonic()
 
     async def run(self) -> None:
@@ -169,6 +171,7 @@ class AuditConsumer:
             records = [record for batch in fetched.values() for record in batch]
             if records:
                 await _blocking(functools.partial(self._write, records))
+            await self.lag.measure(consumer, self._stored_through)
             # Reading a restarted log again is safe: what the store holds is skipped.
             quiet = [tp for tp in consumer.assignment() if not fetched.get(tp)]
             await restarts.rewind(quiet)
@@ -183,6 +186,9 @@ class AuditConsumer:
         self._ingest.committed(batch)
         self._checkpointer.written(len(batch.events) + len(batch.requests))
         self.positions.update(batch.positions)
+
+    def _stored_through(self, tp: TopicPartition) -> int | None:
+        return self.positions.get((tp.topic, tp.partition))
 
     async def _commit_group(self, consumer: AIOKafkaConsumer) -> None:
         """Best effort, and never while cancelled halfway: the store holds the positions."""

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from tokenbus.bus.lag import PartitionLag
+
 from .ingest import AuditStats
 
 
@@ -44,9 +46,22 @@ class AuditCollector(Collector):
         )
 
 
-def serve_metrics(stats: AuditStats, port: int, host: str = "127.0.0.1") -> WSGIServer:
-    """Serve ``/metrics`` on ``host:port``; loopback unless told otherwise."""
+def audit_lag() -> PartitionLag:
+    return PartitionLag(
+        "tokenbus_audit_lag_records",
+        "Records of tokenbus.requests and tokenbus.tokens not yet in the audit store: "
+        "log end minus the store's position",
+    )
+
+
+def serve_metrics(
+    stats: AuditStats, port: int, host: str = "127.0.0.1", *, lag: Collector | None = None
+) -> WSGIServer:
+    """Serve ``/metrics`` on ``host:port``; loopback unless told otherwise. ``lag``: the
+    consumer's `PartitionLag`, exported with the counters."""
     registry = CollectorRegistry()
     registry.register(AuditCollector(stats))
+    if lag is not None:
+        registry.register(lag)
     server, _ = start_http_server(port, addr=host, registry=registry)
     return server

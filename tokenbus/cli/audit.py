@@ -56,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
         key=signing_key(settings),
     )
     if settings.metrics_port is not None:
-        serve_metrics(consumer.stats, settings.metrics_port, settings.metrics_host)
+        serve_metrics(
+            consumer.stats, settings.metrics_port, settings.metrics_host, lag=consumer.lag
+        )
     asyncio.run(until_interrupted(consumer.run()))
     return 0
 

@@ -40,7 +40,7 @@ def worker(args: argparse.Namespace) -> int:
         from workers.metrics import serve_metrics
 
         host, port = settings.worker_metrics_host, settings.worker_metrics_port
-        serve_metrics(model_worker.engine.scheduler, port, host)
+        serve_metrics(model_worker.engine.scheduler, port, host, requests=model_worker.metrics)
         log.info("worker metrics on http://%s:%d/metrics", host, port)
     asyncio.run(_run_worker(model_worker, settings))
     return 0

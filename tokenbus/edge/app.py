@@ -31,6 +31,7 @@ from .audit_routes import AuditView
 from .audit_routes import router as audit_router
 from .directory import RequestDirectory
 from .errors import client_address, error_response, install_error_handlers
+from .http_metrics import HttpMetrics, HttpMetricsMiddleware
 from .limits import BodyLimits
 from .openai_routes import router as openai_router
 from .stream_routes import router as relay_router
@@ -49,6 +50,7 @@ def create_app(
     access = Access(settings)
     if access.anonymous:
         log.warning("no API keys configured: one anonymous tenant, listening on loopback only")
+    http_metrics = HttpMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -62,6 +64,7 @@ def create_app(
         background: set[asyncio.Task[None]] = set()
         registry = CollectorRegistry()
         registry.register(_RelayCollector(hub))
+        registry.register(http_metrics)
         hub_task = asyncio.create_task(_keep_running("relay hub", hub.run), name="relay-hub")
         try:
             yield {
@@ -88,7 +91,7 @@ def create_app(
         BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_read_timeout_s
     )
     if settings.cors_allow_origins:
-        # Outermost, so a preflight is answered before the body limits, and a refusal
+        # Outside the body limits, so a preflight is answered before them, and a refusal
         # (401, 413, 429) still carries the header a page needs to read its reason.
         app.add_middleware(
             CORSMiddleware,
@@ -98,6 +101,9 @@ def create_app(
             expose_headers=["X-Request-Id", "Retry-After"],
             max_age=600,
         )
+    # Added last, so outermost: it sees every answer, those of BodyLimits and CORS
+    # (a preflight) included.
+    app.add_middleware(HttpMetricsMiddleware, metrics=http_metrics)
     app.include_router(submit_router)
     app.include_router(openai_router)
     app.include_router(relay_router)
