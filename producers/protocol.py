@@ -66,7 +66,7 @@ def submit_body(
     top_k: int | None,
     seed: int | None,
     stop: str | Sequence[str] | None,
-    deadline: datetime | None,
+    deadline: datetime | str | None,
     metadata: Mapping[str, str] | None,
     cancel_on_disconnect: bool | None,
 ) -> dict[str, Any]:
@@ -74,7 +74,8 @@ def submit_body(
 
     ``stop`` may be one string, as in the OpenAI API: the native API takes a list.
     """
-    if deadline is not None and deadline.utcoffset() is None:
+    # A string is sent as given (ISO 8601 with a zone): the server says if it is not.
+    if isinstance(deadline, datetime) and deadline.utcoffset() is None:
         raise ValueError("deadline must be timezone-aware, e.g. datetime.now(UTC) + timedelta(...)")
     body: dict[str, Any] = {
         "prompt": prompt,
@@ -86,7 +87,7 @@ def submit_body(
         "top_k": top_k,
         "seed": seed,
         "stop": [stop] if isinstance(stop, str) else list(stop) if stop is not None else None,
-        "deadline": deadline.isoformat() if deadline is not None else None,
+        "deadline": deadline.isoformat() if isinstance(deadline, datetime) else deadline,
         "metadata": dict(metadata) if metadata is not None else None,
         "cancel_on_disconnect": cancel_on_disconnect,
     }

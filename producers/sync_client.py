@@ -61,7 +61,7 @@ class Tokenbus:
         top_k: int | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
-        deadline: datetime | None = None,
+        deadline: datetime | str | None = None,
         metadata: Mapping[str, str] | None = None,
         cancel_on_disconnect: bool | None = None,
     ) -> Submission:

@@ -165,8 +165,8 @@ async def test_a_broker_killed_while_requests_are_submitted(
         await asyncio.gather(*submissions)
         slowest_submit = time.monotonic() - started
 
-        streams = await asyncio.gather(
-            *(Timed().follow(client, rid) for rid in accepted), return_exceptions=False
+        streams = await asyncio.wait_for(
+            asyncio.gather(*(Timed().follow(client, rid) for rid in accepted)), 180
         )
         for stream in streams:
             assert_complete(stream.events)

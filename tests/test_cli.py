@@ -70,9 +70,12 @@ def running_up(
         f"--broker-port={broker_port}",
         f"--model={tiny_model_dir}",
     ]
+    # A process group of its own, as a shell gives a foreground job: a Ctrl-C at the
+    # terminal is SIGINT to the whole group (`os.killpg`).
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_up_env(tmp_path)
-    )
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_up_env(tmp_path),
+        start_new_session=True,
+    )  # fmt: skip
     assert proc.stdout is not None
     seen = []
     for line in proc.stdout:  # ends when the process does; the test timeout bounds it
@@ -107,8 +110,17 @@ def test_up_serves_a_prompt_and_a_signal_stops_everything(
     assert submit.returncode == 0, submit.stderr
     assert "[length: 6 tokens" in submit.stderr or "[stop:" in submit.stderr
 
-    proc.send_signal(stop_signal)
+    if stop_signal == signal.SIGINT:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
+    else:
+        proc.send_signal(stop_signal)  # docker stop, systemd: the main process alone
     assert proc.wait(timeout=60) == 130  # the shell's convention for an interrupted command
+    assert proc.stdout is not None
+    said = proc.stdout.read().splitlines()
+    # Clients stop before the broker: a few lines, no traceback, no client of the
+    # broker complaining that it went away (there were hundreds).
+    assert len(said) <= 12, "\n".join(said)
+    assert not [line for line in said if "Traceback" in line or "Error" in line], said
     assert _processes_with(str(tiny_model_dir)) == []  # no worker left behind
     assert not _listening(int(url.rsplit(":", 1)[1]))
     assert not _listening(broker_port)

@@ -9,7 +9,7 @@ import time
 import uuid
 from types import TracebackType
 
-from .children import die_with_parent
+from .children import supervised
 from .ports import port_open
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class EmbeddedBroker:
             ],
             stdout=output,
             stderr=output,
-            preexec_fn=die_with_parent,
+            preexec_fn=supervised,
         )
         deadline = time.monotonic() + timeout_s
         while not port_open(self.host, self.port):

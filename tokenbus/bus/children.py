@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
 
@@ -16,3 +17,13 @@ def die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def supervised() -> None:
+    """A ``preexec_fn`` for a child its parent stops: it dies with its parent, and
+    it has a process group of its own, so a Ctrl-C at the terminal (SIGINT to the
+    foreground group) reaches the parent alone, which then stops its children in
+    order: the broker's clients first, the broker last. Had the broker the signal
+    too, it would be gone while its clients shut down, and each would say so."""
+    die_with_parent()
+    os.setpgid(0, 0)

@@ -35,6 +35,7 @@ __all__ = [
     "new_consumer",
     "new_producer",
     "partitions_of",
+    "position_now",
     "ssl_context",
     "start_producer",
     "stop_all",
@@ -251,6 +252,18 @@ async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPar
     if not ids:
         raise TopicMissing(f"topic {topic!r} does not exist; `tokenbus topics` creates it")
     return [TopicPartition(topic, p) for p in sorted(ids)]
+
+
+def position_now(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The consumer's position in ``tp`` if it has one now, else None, without
+    waiting. aiokafka's ``position()`` waits until a pending reset completes, and a
+    reset needs the partition's leader: with a broker away that is the whole outage,
+    which a metrics read or a check in a reader's loop must not wait out. (Reads
+    aiokafka's subscription state, which it has no public way to ask.)"""
+    if tp not in consumer.assignment():
+        return None
+    state = consumer._subscription.subscription.assignment.state_value(tp)
+    return state.position if state is not None and state.has_valid_position else None
 
 
 async def at_end(consumer: AIOKafkaConsumer, *partitions: TopicPartition) -> bool:

@@ -22,11 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import IllegalStateError, KafkaError
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-_LIST_TIMEOUT_S = 2.0
+from .kafka import position_now
 
 
 class PartitionLag(Collector):
@@ -37,6 +36,7 @@ class PartitionLag(Collector):
         self._lag: dict[TopicPartition, int] = {}
         self._listed: dict[TopicPartition, int] = {}
         self._listed_at = float("-inf")
+        self._listing: asyncio.Task[dict[TopicPartition, int]] | None = None
 
     @property
     def records(self) -> dict[TopicPartition, int]:
@@ -48,20 +48,14 @@ class PartitionLag(Collector):
         consumer: AIOKafkaConsumer,
         done_through: Callable[[TopicPartition], int | None] = lambda tp: None,
     ) -> None:
-        """Measure the lag of every partition ``consumer`` is assigned.
+        """Measure the lag of every partition ``consumer`` is assigned, never waiting
+        on the broker: the reader's loop calls this, and a broker away must not hold
+        it (the ends of paused partitions are asked in the background).
         ``done_through(tp)``: the offset of the first record not yet finished (what
         is or will be committed), None to use the consumer's position."""
         assigned = consumer.assignment()
         paused = consumer.paused() & assigned
-        if paused and time.monotonic() - self._listed_at >= self._refresh_s:
-            self._listed_at = time.monotonic()
-            try:
-                # Bounded: the reader's loop waits on this, and a broker away would
-                # hold it for the whole request timeout.
-                async with asyncio.timeout(_LIST_TIMEOUT_S):
-                    self._listed = await consumer.end_offsets(list(paused))
-            except (KafkaError, IllegalStateError, TimeoutError):
-                self._listed = {}  # the fetch high watermark alone, this time
+        self._list_ends(consumer, paused)
         lag: dict[TopicPartition, int] = {}
         for tp in assigned:
             end = consumer.highwater(tp)
@@ -71,12 +65,28 @@ class PartitionLag(Collector):
                 end = max(end, self._listed.get(tp, end))
             at = done_through(tp)
             if at is None:
-                try:
-                    at = await consumer.position(tp)
-                except IllegalStateError:
-                    continue  # revoked meanwhile
-            lag[tp] = max(end - at, 0)
+                at = position_now(consumer, tp)
+            if at is not None:
+                lag[tp] = max(end - at, 0)
         self._lag = lag
+
+    def _list_ends(self, consumer: AIOKafkaConsumer, paused: set[TopicPartition]) -> None:
+        """Take the answer of the last ListOffsets, and ask again (at most every
+        ``refresh_s``, one at a time) in a task of its own: aiokafka retries it for
+        the whole request timeout while a leader is away, and cancelling it midway
+        is not something aiokafka promises to survive."""
+        if self._listing is not None and self._listing.done():
+            failed = self._listing.cancelled() or self._listing.exception() is not None
+            self._listed = {} if failed else self._listing.result()
+            self._listing = None
+        if not paused or self._listing is not None:
+            return
+        if time.monotonic() - self._listed_at < self._refresh_s:
+            return
+        self._listed_at = time.monotonic()
+        self._listing = asyncio.create_task(consumer.end_offsets(list(paused)))
+        # Seen here or dropped with the consumer: never "exception never retrieved".
+        self._listing.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     def clear(self) -> None:
         self._lag = {}

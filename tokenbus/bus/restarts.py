@@ -28,6 +28,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.metadata import MetadataRequest
 
+from .kafka import position_now
+
 log = logging.getLogger(__name__)
 
 
@@ -61,7 +63,8 @@ class LogRestarts:
 
     async def _behind(self, tp: TopicPartition) -> bool:
         highwater = self._consumer.highwater(tp)
-        return highwater is not None and highwater < await self._consumer.position(tp)
+        position = position_now(self._consumer, tp)  # none while a reset is pending
+        return highwater is not None and position is not None and highwater < position
 
     async def _cluster_changed(self) -> bool:
         now = time.monotonic()

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 
-from tokenbus.bus.children import die_with_parent
+from tokenbus.bus.children import supervised
 from tokenbus.bus.settings import KafkaSettings, ServerSettings, WorkerSettings, kafka_env
 from tokenbus.cli.serve import announce, start_server
 from tokenbus.cli.settings import (
@@ -68,13 +68,13 @@ async def _run_stack(
         *worker_cmd,
         env=os.environ | kafka_env(kafka) | {"TOKENBUS_READY_FD": str(worker_fd)},
         pass_fds=(worker_fd,),
-        preexec_fn=die_with_parent,
+        preexec_fn=supervised,
     )
     os.close(worker_fd)
     # The audit consumer (on SQLite: TOKENBUS_AUDIT_STORE, default under ~/.local/share).
     audit = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tokenbus", "audit", "run",
-        env=os.environ | kafka_env(kafka), preexec_fn=die_with_parent,
+        env=os.environ | kafka_env(kafka), preexec_fn=supervised,
     )  # fmt: skip
     children = {"worker": worker, "audit consumer": audit}
     analytics = await _start_analytics(kafka)  # not watched: the stack goes on without it
@@ -105,7 +105,7 @@ async def _start_analytics(kafka: KafkaSettings) -> asyncio.subprocess.Process:
     log.info("analytics on http://%s:%d/summary", settings.analytics_host, settings.analytics_port)
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tokenbus", "analytics",
-        env=os.environ | kafka_env(kafka), preexec_fn=die_with_parent,
+        env=os.environ | kafka_env(kafka), preexec_fn=supervised,
     )  # fmt: skip
 
 
