@@ -8,6 +8,7 @@ end to end with the real SmolLM2 in test_end_to_end.py.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -102,6 +103,10 @@ def test_up_serves_a_prompt_and_a_signal_stops_everything(
     url, proc, broker_port, printed = running_up
     # Ready means the worker serves, not only the API (loading a model takes seconds).
     assert any("serving" in line and "worker" in line for line in printed), printed
+    # Its progress on the way, stage by stage, in order.
+    stages = [line.split("] ", 1)[0].rsplit("[", 1)[1] for line in printed if "] " in line
+              and re.search(r"\[\d/\d\] ", line)]  # fmt: skip
+    assert stages == [f"{n}/5" for n in range(1, 6)], printed
     submit = subprocess.run(
         [sys.executable, "-m", "tokenbus", "submit", "Hello there", "--follow",
          "--max-tokens=6", f"--url={url}"],

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tokenbus.bus.settings import AuditSettings, KafkaSettings, ServerSettings
@@ -63,9 +64,10 @@ async def announce(
     serving: asyncio.Task[None],
     since: float | None,
     worker_ready_fd: int | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> None:
     """Once the server answers /readyz (and `up`'s worker serves), print where it
-    is and how to use it."""
+    is and how to use it; ``on_stage``: told as each is reached (`up`'s progress)."""
     import httpx
 
     base = f"http://{server.host}:{server.port}"
@@ -77,8 +79,12 @@ async def announce(
             await asyncio.sleep(0.1)  # polling our own readiness; ends with the server
     if serving.done():
         return
+    if on_stage is not None:
+        on_stage(f"HTTP server answering on {base}")
     if worker_ready_fd is not None and not await _ready_line(worker_ready_fd):
         return  # the worker died before it served: `up` is stopping
+    if on_stage is not None:
+        on_stage("worker serving")
     took = f" in {time.perf_counter() - since:.1f}s" if since is not None else ""
     print(
         f"\ntokenbus is ready{took}: {base}  (web page: {base}/)\n"

@@ -28,6 +28,22 @@ from tokenbus.cli.settings import (
 log = logging.getLogger("tokenbus")
 
 
+class Stages:
+    """`up`'s progress: a numbered line as each stage is reached, with the time so
+    far. A first run spends a minute or two converting the model; it says so."""
+
+    TOTAL = 5
+
+    def __init__(self, started: float) -> None:
+        self._started = started
+        self._reached = 0
+
+    def reached(self, what: str) -> None:
+        self._reached += 1
+        took = time.perf_counter() - self._started
+        log.info("[%d/%d] %s (%.1fs)", self._reached, self.TOTAL, what, took)
+
+
 def up(args: argparse.Namespace) -> int:
     from tokenbus.bus.broker import EmbeddedBroker
 
@@ -39,21 +55,29 @@ def up(args: argparse.Namespace) -> int:
     if not kafka.embedded:
         check_kafka(kafka)
     started = time.perf_counter()
+    stages = Stages(started)
     broker = EmbeddedBroker(port=kafka.broker_port) if kafka.embedded else None
     try:
         if broker is not None:
             broker.start()
+            stages.reached(f"broker: the embedded one on {broker.bootstrap} (in memory)")
+        else:
+            stages.reached(f"broker: {kafka.bootstrap}")
         worker_cmd = [sys.executable, "-m", "tokenbus", "worker"]
         worker_cmd += [f"--model={args.model}"] if args.model else []
         worker_cmd += [f"--device={args.device}"] if args.device else []
-        return asyncio.run(_run_stack(kafka, server, worker_cmd, started))
+        return asyncio.run(_run_stack(kafka, server, worker_cmd, started, stages))
     finally:
         if broker is not None:
             broker.stop()
 
 
 async def _run_stack(
-    kafka: KafkaSettings, server: ServerSettings, worker_cmd: list[str], started: float
+    kafka: KafkaSettings,
+    server: ServerSettings,
+    worker_cmd: list[str],
+    started: float,
+    stages: Stages,
 ) -> int:
     """Topics, a worker, the audit and analytics consumers and the HTTP server, until
     Ctrl-C or until the worker or the audit consumer dies (then everything stops: a
@@ -61,6 +85,7 @@ async def _run_stack(
     from tokenbus.bus.kafka import ensure_topics
 
     await ensure_topics(kafka)
+    stages.reached("topics ready")
     # The worker says on this pipe when it serves (loading the model takes seconds),
     # and `up` is ready then, not before; if it dies first, the pipe just closes.
     ready_fd, worker_fd = os.pipe()
@@ -78,10 +103,16 @@ async def _run_stack(
     )  # fmt: skip
     children = {"worker": worker, "audit consumer": audit}
     analytics = await _start_analytics(kafka)  # not watched: the stack goes on without it
+    stages.reached(
+        "worker, audit and analytics started; the worker loads its model (a first run "
+        "converts the default model once, a minute or two; later runs take seconds)"
+    )
     serving, uv = start_server(kafka, server, audit_view=True)  # the store `audit` writes
     watching = {asyncio.create_task(child.wait()): name for name, child in children.items()}
     try:
-        await announce(server, serving, since=started, worker_ready_fd=ready_fd)
+        await announce(
+            server, serving, since=started, worker_ready_fd=ready_fd, on_stage=stages.reached
+        )
         await asyncio.wait({serving, *watching}, return_when=asyncio.FIRST_COMPLETED)
         ended = [name for task, name in watching.items() if task.done()]
         if ended:
