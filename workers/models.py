@@ -12,6 +12,8 @@ import hashlib
 import importlib.util
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,11 +133,19 @@ def _load(
 
 
 def _from_directory(
-    directory: Path, *, dtype: torch.dtype, random_weights: bool = False, **kwargs: Any
+    directory: Path,
+    *,
+    dtype: torch.dtype,
+    random_weights: bool = False,
+    on_step: Callable[[], None] = lambda: None,
+    **kwargs: Any,
 ) -> tuple[Any, Any]:
+    """``on_step``: called before the tokenizer and before the model are read."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    on_step()
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+    on_step()
     if random_weights:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         with torch.random.fork_rng():  # seeded, without reseeding anyone else
@@ -172,8 +182,16 @@ def _converted_default(cache_dir: Path) -> tuple[Path, str]:
     revision = _sha256(gguf)
     converted = cache_dir / "models" / f"smollm2-{revision[:16]}"
     if not (converted / "config.json").is_file():
-        log.info("converting %s once (cached in %s)", gguf.name, converted)
-        model, tokenizer = _from_directory(gguf.parent, dtype=torch.float32, gguf_file=gguf.name)
+        log.info(
+            "converting %s to a transformers model, once (cached in %s); "
+            "about half a minute on two cores",
+            gguf.name, converted,
+        )  # fmt: skip
+        step = _Steps(("the tokenizer", "the weights (dequantized to float32)", "saving"))
+        model, tokenizer = _from_directory(
+            gguf.parent, dtype=torch.float32, gguf_file=gguf.name, on_step=step.next
+        )
+        step.next()
         # transformers dequantizes GGUF to float32 on load; the quantizer it leaves
         # behind is only a marker, and it refuses save_pretrained while it is set.
         model.hf_quantizer = None
@@ -183,7 +201,33 @@ def _converted_default(cache_dir: Path) -> tuple[Path, str]:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(converted)  # atomic: a half-written cache is never read
+        step.done()
     return converted, revision
+
+
+class _Steps:
+    """The conversion's progress: a line as each step starts, and how long the one
+    before took. Most of the time goes where transformers shows no bar (it parses
+    the GGUF file once for the tokenizer and again for the weights)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self._names = names
+        self._at = 0
+        self._since = time.perf_counter()
+
+    def next(self) -> None:
+        took = self._took()
+        self._at += 1
+        log.info("converting: [%d/%d] %s%s", self._at, len(self._names),
+                 self._names[self._at - 1], took)  # fmt: skip
+
+    def done(self) -> None:
+        log.info("converting: done%s", self._took())
+
+    def _took(self) -> str:
+        now, since = time.perf_counter(), self._since
+        self._since = now
+        return f" (the step before took {now - since:.1f}s)" if self._at else ""
 
 
 def _weights_hash(directory: Path) -> str:
