@@ -295,7 +295,8 @@ async def test_windows_tumble_by_the_minute_and_survive_a_restart(
                 return await windows(analytics) == expected
 
             try:
-                await eventually(both_counted, within=15)
+                # A first start on a fresh cluster creates its changelog topics first.
+                await eventually(both_counted, within=60)
             except TimeoutError:
                 pytest.fail(f"{run}: windows {await windows(analytics)}, not {expected}")
             summary = await analytics.summary()
