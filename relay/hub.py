@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import Histogram
 
-from schemas import MalformedMessage, StartedEvent, StreamEvent, StreamView, decode_event
+from schemas import (
+    MalformedMessage,
+    StartedEvent,
+    StreamEvent,
+    StreamView,
+    decode_event,
+    sse_frame,
+)
 from tokenbus.bus.kafka import new_consumer, partitions_of
 from tokenbus.bus.restarts import LogRestarts
 from tokenbus.bus.settings import KafkaSettings, ServerSettings
@@ -35,38 +42,81 @@ class SubscriberOverflow(Exception):
     """This subscriber fell behind the live stream; read the log instead."""
 
 
-class Listener:
-    """A subscriber's view of one request's live events."""
+class Held:
+    """An event as the relay holds it, with its SSE frame encoded once, when first
+    needed, and shared by every subscriber that sends it."""
 
-    def __init__(self, backlog: list[StreamEvent], capacity: int) -> None:
+    __slots__ = ("_frame", "event")
+
+    def __init__(self, event: StreamEvent) -> None:
+        self.event = event
+        self._frame: bytes | None = None
+
+    @property
+    def frame(self) -> bytes:
+        if self._frame is None:
+            self._frame = sse_frame(self.event)
+        return self._frame
+
+
+class Listener:
+    """A subscriber's view of one request's live events.
+
+    Offering an event is a deque append (and a wake-up for the first one queued);
+    the subscriber takes everything queued at once, so a burst of events costs it
+    one trip through its stream and one socket write.
+    """
+
+    __slots__ = ("_capacity", "_queue", "_waiter", "backlog", "overflowed")
+
+    def __init__(self, backlog: list[Held], capacity: int) -> None:
         self.backlog = backlog  # what the hub held when the listener was registered
-        self._queue: asyncio.Queue[StreamEvent] = asyncio.Queue(capacity)
+        self._queue: deque[Held] = deque()
+        self._capacity = capacity
+        self._waiter: asyncio.Future[None] | None = None
         self.overflowed = False
 
-    def offer(self, event: StreamEvent) -> bool:
+    def offer(self, held: Held) -> bool:
         """Queue an event without ever waiting; False when this one overflowed it."""
         if self.overflowed:
             return True
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if len(self._queue) >= self._capacity:
             self.overflowed = True
+            self._wake()
             return False
+        self._queue.append(held)
+        self._wake()
         return True
 
-    async def next(self) -> StreamEvent:
-        if self._queue.empty() and self.overflowed:
-            raise SubscriberOverflow
-        return await self._queue.get()
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list[Held]:
+        """Every event queued, oldest first, waiting for one if none is; raises
+        `SubscriberOverflow` once the queue is drained after an overflow."""
+        while not self._queue:
+            if self.overflowed:
+                raise SubscriberOverflow
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        taken = list(self._queue)
+        self._queue.clear()
+        return taken
 
 
 @dataclass
 class _Stream:
-    events: list[StreamEvent] = field(default_factory=list)  # contiguous seqs
+    events: list[Held] = field(default_factory=list)  # contiguous seqs
     listeners: set[Listener] = field(default_factory=set)
     view: StreamView = field(default_factory=lambda: StreamView(anchor_on_first=True))
+    model: str | None = None  # from its `started` event, once seen
 
-    def append(self, event: StreamEvent) -> bool:
+    def append(self, event: StreamEvent) -> Held | None:
         """Keep ``event`` if the fencing rule accepts it as the next of the held run."""
         if event.attempt >= self.view.attempt and self.events and event.seq > self.view.next_seq:
             # A gap we did not see (not possible in one partition's order, but a
@@ -74,9 +124,10 @@ class _Stream:
             self.events.clear()
             self.view = StreamView(anchor_on_first=True)
         if not self.view.accept(event):
-            return False
-        self.events.append(event)
-        return True
+            return None
+        held = Held(event)
+        self.events.append(held)
+        return held
 
 
 class StreamHub:
@@ -92,12 +143,13 @@ class StreamHub:
         self.malformed = 0
         self.overflows = 0  # subscribers that fell behind and went back to the log
         self.log_restarts = 0  # times the broker was seen to have lost its log
-        # Event ts -> its SSE frame sent, per subscriber; see routes._frames for what
+        # Event ts -> its SSE frame sent, per subscriber; see stream_routes._frames for what
         # counts as live. Unregistered: the app's collector exports it with the rest.
         self.delivery_delay = Histogram(
             "tokenbus_relay_delivery_delay_seconds",
             "Event ts to its SSE frame sent, for events generated while the subscriber "
             "was connected (replays of older events are not counted)",
+            labelnames=("model",),
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=None,
         )
@@ -116,7 +168,12 @@ class StreamHub:
     def last_held(self, request_id: uuid.UUID) -> StreamEvent | None:
         """The latest event this hub holds of the stream (its end, once terminal)."""
         stream = self._streams.get(request_id)
-        return stream.events[-1] if stream is not None and stream.events else None
+        return stream.events[-1].event if stream is not None and stream.events else None
+
+    def model_of(self, request_id: uuid.UUID) -> str | None:
+        """The stream's model, if this hub has read its `started` event."""
+        stream = self._streams.get(request_id)
+        return stream.model if stream is not None else None
 
     @contextmanager
     def listen(self, request_id: uuid.UUID) -> Iterator[Listener]:
@@ -166,18 +223,20 @@ class StreamHub:
             log.warning("skipping malformed event at %s[%d]@%d: %s", topic, partition, offset, exc)
             return
         self.events_read += 1
-        if isinstance(event, StartedEvent):
-            self.models_seen.add(event.model)
         stream = self._streams.get(event.request_id)
         if stream is None:
             stream = self._streams[event.request_id] = _Stream()
             self._evict()
         else:
             self._streams.move_to_end(event.request_id)
-        if not stream.append(event):
+        if isinstance(event, StartedEvent):
+            self.models_seen.add(event.model)
+            stream.model = event.model
+        held = stream.append(event)
+        if held is None:
             return
         for listener in stream.listeners:
-            if not listener.offer(event):
+            if not listener.offer(held):
                 self.overflows += 1
 
     def _evict(self) -> None:

@@ -9,20 +9,24 @@ ending with the terminal event, whatever mix of sources it takes.
        an overflowed queue (a slow subscriber) goes back to step 1
 
 Every source is filtered by one rule, ``seq == next_seq``, so overlaps between
-them are harmless. When the log no longer holds ``next_seq`` (retention deleted
-it), the subscription raises `StreamTruncated` instead of skipping ahead: a
-client never sees a silent gap.
+them are harmless. Events come in batches (what the hub held, what a fetch from
+the log brought, everything queued since the subscriber last looked), so a
+subscriber that has fallen a little behind catches up in one write.
+
+When the log no longer holds ``next_seq`` (retention deleted it), the
+subscription raises `StreamTruncated` instead of skipping ahead: a client never
+sees a silent gap.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from schemas import StreamEvent, is_terminal
 from tokenbus.bus.log import LogReader
 
-from .hub import Listener, StreamHub, SubscriberOverflow
+from .hub import Held, Listener, StreamHub, SubscriberOverflow
 
 
 class StreamTruncated(Exception):
@@ -78,46 +82,87 @@ class _Cursor:
 
 async def subscribe(
     hub: StreamHub, log: LogReader, request_id: uuid.UUID, *, after: int = -1
-) -> AsyncIterator[StreamEvent]:
+) -> AsyncIterator[list[Held]]:
+    """The stream from seq ``after + 1``, in batches (never empty) of contiguous
+    events, each batch as much as was at hand."""
     cursor = _Cursor(request_id, after)
     while not cursor.done:
         with hub.listen(request_id) as listener:
             try:
-                async for event in _follow(listener, log, request_id, cursor):
-                    yield event
+                async for batch in _follow(listener, log, request_id, cursor):
+                    yield batch
             except SubscriberOverflow:
                 continue  # re-register; what we missed comes from the hub or the log
 
 
-async def _follow(
-    listener: Listener, log: LogReader, request_id: uuid.UUID, cursor: _Cursor
+async def subscribe_events(
+    hub: StreamHub, log: LogReader, request_id: uuid.UUID, *, after: int = -1
 ) -> AsyncIterator[StreamEvent]:
-    held = listener.backlog
-    if not held or held[0].seq > cursor.next_seq:
-        before = held[0].seq if held else None
-        async for event in log.events(request_id, from_seq=cursor.next_seq, before_seq=before):
-            if event.seq > cursor.next_seq:
+    """`subscribe`, one event at a time (for a reader that shapes each event itself)."""
+    async for batch in subscribe(hub, log, request_id, after=after):
+        for held in batch:
+            yield held.event
+
+
+def _accepted(cursor: _Cursor, items: Iterable[Held]) -> list[Held]:
+    taken: list[Held] = []
+    for held in items:
+        if cursor.accept(held.event):
+            taken.append(held)
+        if cursor.done:
+            break
+    return taken
+
+
+async def _from_log(
+    log: LogReader, cursor: _Cursor, request_id: uuid.UUID, before: int | None
+) -> AsyncIterator[list[Held]]:
+    """From the log: ``cursor.next_seq`` up to ``before`` (or the end of the log)."""
+    async for events in log.event_batches(request_id, from_seq=cursor.next_seq, before_seq=before):
+        batch: list[Held] = []
+        for event in events:
+            if event.seq > cursor.next_seq:  # retention took what lies between
+                if batch:
+                    yield batch
                 raise StreamTruncated(request_id, cursor.next_seq, event.seq)
             if cursor.accept(event):
-                yield event
-                if cursor.done:
-                    return
-        if before is not None and cursor.next_seq < before:
-            raise StreamTruncated(request_id, cursor.next_seq, before)
-    for event in held:
-        if cursor.accept(event):
-            yield event
+                batch.append(Held(event))
+            if cursor.done:
+                break
+        if batch:
+            yield batch
         if cursor.done:
             return
+    if before is not None and cursor.next_seq < before:
+        raise StreamTruncated(request_id, cursor.next_seq, before)
+
+
+async def _follow(
+    listener: Listener, log: LogReader, request_id: uuid.UUID, cursor: _Cursor
+) -> AsyncIterator[list[Held]]:
+    held = listener.backlog
+    if not held or held[0].event.seq > cursor.next_seq:
+        async for batch in _from_log(log, cursor, request_id, held[0].event.seq if held else None):
+            yield batch
+        if cursor.done:
+            return
+    batch = _accepted(cursor, held)
+    if batch:
+        yield batch
     while not cursor.done:
-        event = await listener.next()
-        if event.seq > cursor.next_seq:
-            async for missed in log.events(
-                request_id, from_seq=cursor.next_seq, before_seq=event.seq
-            ):
-                if cursor.accept(missed):
+        batch = []
+        for item in await listener.take():
+            if item.event.seq > cursor.next_seq:
+                # A gap in the live events: what is taken so far, then the log up to
+                # this one.
+                if batch:
+                    yield batch
+                    batch = []
+                async for missed in _from_log(log, cursor, request_id, item.event.seq):
                     yield missed
-            if cursor.next_seq < event.seq:
-                raise StreamTruncated(request_id, cursor.next_seq, event.seq)
-        if cursor.accept(event):
-            yield event
+            if cursor.accept(item.event):
+                batch.append(item)
+            if cursor.done:
+                break
+        if batch:
+            yield batch

@@ -30,6 +30,8 @@ from .wire import (
     decode_event,
     decode_request,
     encode,
+    sse_error_frame,
+    sse_frame,
 )
 
 __all__ = [
@@ -58,6 +60,8 @@ __all__ = [
     "encode",
     "is_terminal",
     "message_key",
+    "sse_error_frame",
+    "sse_frame",
     "uuid7",
     "uuid7_unix_ms",
 ]

@@ -1,13 +1,14 @@
 """The one place that turns messages into bytes and back.
 
 Kafka values are the JSON of the pydantic models (every field, so readers in any
-language see the whole record). SSE frames carry the very same JSON (see
-`tokenbus.edge.sse`, the edge that speaks SSE). Nothing else in tokenbus builds
-these strings by hand.
+language see the whole record). SSE frames carry the very same JSON (`sse_frame`;
+the relay encodes each event's frame once and shares the bytes among its
+subscribers). Nothing else in tokenbus builds these strings by hand.
 """
 
 from __future__ import annotations
 
+import json
 from typing import TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -28,6 +29,19 @@ _M = TypeVar("_M", bound=BaseModel)
 def encode(message: BaseModel) -> bytes:
     """A request, event or cancel as a Kafka value."""
     return message.model_dump_json().encode()
+
+
+def sse_frame(event: StreamEvent) -> bytes:
+    """A stream event as an SSE frame: ``id`` is the seq a client resumes after,
+    ``event`` the type, ``data`` the event's JSON (one line: JSON escapes newlines)."""
+    data = type(event).__pydantic_serializer__.to_json(event)
+    return b"id: %d\r\nevent: %s\r\ndata: %s\r\n\r\n" % (event.seq, event.type.encode(), data)
+
+
+def sse_error_frame(code: str, message: str) -> bytes:
+    """A relay-level problem with a stream (not an event of the stream itself)."""
+    data = json.dumps({"code": code, "message": message})
+    return b"event: error\r\ndata: %s\r\n\r\n" % data.encode()
 
 
 def _decode(model: type[_M], value: bytes | None) -> _M:

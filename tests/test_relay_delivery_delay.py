@@ -11,15 +11,20 @@ from .conftest import Stack, assert_complete, collect
 DELAY = "tokenbus_relay_delivery_delay_seconds"
 
 
-async def delivery_delay(http: httpx.AsyncClient) -> tuple[float, float]:
-    """(count, sum) of the relay's delivery-delay histogram."""
+async def delivery_delay(http: httpx.AsyncClient, model: str = "") -> tuple[float, float]:
+    """(count, sum) of the relay's delivery-delay histogram (one model's series, or
+    all of them)."""
     text = (await http.get("/metrics")).text
-    samples = {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-    return samples[f"{DELAY}_count"], samples[f"{DELAY}_sum"]
+    count = total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if model and sample.labels.get("model") != model:
+                continue
+            if sample.name == f"{DELAY}_count":
+                count += sample.value
+            elif sample.name == f"{DELAY}_sum":
+                total += sample.value
+    return count, total
 
 
 async def test_live_delivery_fills_the_histogram_and_replays_do_not(stack: Stack) -> None:
@@ -31,6 +36,9 @@ async def test_live_delivery_fills_the_histogram_and_replays_do_not(stack: Stack
     assert_complete(live)
 
     count, total = await delivery_delay(stack.http)
+    # One series, labelled with the stream's model (from its `started` event).
+    model = live[0].model  # type: ignore[union-attr]
+    assert await delivery_delay(stack.http, model) == (count, total)
     # Events generated after the subscriber connected: most of them (the first ones
     # may be published before the subscription opens).
     assert len(live) // 2 <= count <= len(live)

@@ -25,11 +25,11 @@ from schemas import (
     decode_event,
     decode_request,
     encode,
+    sse_frame,
     uuid7,
     uuid7_unix_ms,
 )
 from tokenbus.bus.kafka import partition_for
-from tokenbus.edge.sse import event_to_sse
 
 NOW = datetime.now(UTC)
 
@@ -94,8 +94,7 @@ def test_event_round_trips_through_kafka_encoding(event: object) -> None:
 
 @pytest.mark.parametrize("event", EVENTS, ids=lambda e: e.type)
 def test_sse_frame_carries_seq_type_and_the_same_json(event: object) -> None:
-    frame = event_to_sse(event)  # type: ignore[arg-type]
-    raw = frame.encode().decode()
+    raw = sse_frame(event).decode()  # type: ignore[arg-type]
     lines = raw.strip().splitlines()
     assert lines[0] == f"id: {event.seq}"  # type: ignore[attr-defined]
     assert lines[1] == f"event: {event.type}"  # type: ignore[attr-defined]

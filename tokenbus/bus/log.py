@@ -74,16 +74,17 @@ class LogReader:
             return None  # minted in the future: nobody submitted it
         found: Submitted | None = None
         scan = self._scan(self._kafka.topics.requests, request_id, until_end=True)
-        async with aclosing(scan) as records:
-            async for record in records:
-                if found is None:
-                    try:
-                        found = Submitted(decode_request(record.value))
-                    except MalformedMessage:
-                        # Its stream holds the `failed` event that answered it.
-                        found = Submitted(None)
-                if stop(found):
-                    break
+        async with aclosing(scan) as fetches:
+            async for records in fetches:
+                for record in records:
+                    if found is None:
+                        try:
+                            found = Submitted(decode_request(record.value))
+                        except MalformedMessage:
+                            # Its stream holds the `failed` event that answered it.
+                            found = Submitted(None)
+                    if stop(found):
+                        return found
         return found
 
     async def finished_at(self, request_id: uuid.UUID) -> int | None:
@@ -102,30 +103,51 @@ class LogReader:
         With ``before_seq`` the read ends once ``before_seq - 1`` is reached (those
         events are known to exist); without it, at the current end of the log.
         """
+        batches = self.event_batches(request_id, from_seq=from_seq, before_seq=before_seq)
+        async with aclosing(batches) as read:
+            async for batch in read:
+                for event in batch:
+                    yield event
+
+    async def event_batches(
+        self, request_id: uuid.UUID, *, from_seq: int, before_seq: int | None = None
+    ) -> AsyncGenerator[list[StreamEvent], None]:
+        """`events`, a fetch at a time: each list holds what one fetch brought (never
+        empty), so a replay is sent in a few large writes."""
         if before_seq is not None and before_seq <= from_seq:
             return
         scan = self._scan(self._kafka.topics.tokens, request_id, until_end=before_seq is None)
         # The fencing rule over the whole stream, even below from_seq: an event is
         # part of the stream only as the rule decides in log order.
         view = StreamView(anchor_on_first=True)
-        async with aclosing(scan) as records:
-            async for record in records:
-                try:
-                    event = decode_event(record.value)
-                except MalformedMessage as exc:
-                    log.warning("skipping malformed event at offset %d: %s", record.offset, exc)
-                    continue
-                if not view.accept(event) or event.seq < from_seq:
-                    continue
-                if before_seq is not None and event.seq >= before_seq:
-                    return
-                yield event
-                if before_seq is not None and event.seq == before_seq - 1:
+        async with aclosing(scan) as fetches:
+            async for records in fetches:
+                batch: list[StreamEvent] = []
+                last = False
+                for record in records:
+                    try:
+                        event = decode_event(record.value)
+                    except MalformedMessage as exc:
+                        log.warning("skipping malformed event at offset %d: %s", record.offset, exc)
+                        continue
+                    if not view.accept(event) or event.seq < from_seq:
+                        continue
+                    if before_seq is not None and event.seq >= before_seq:
+                        last = True
+                        break
+                    batch.append(event)
+                    if before_seq is not None and event.seq == before_seq - 1:
+                        last = True
+                        break
+                if batch:
+                    yield batch
+                if last:
                     return
 
     async def _scan(
         self, topic: str, request_id: uuid.UUID, *, until_end: bool
-    ) -> AsyncGenerator[ConsumerRecord[bytes, bytes], None]:
+    ) -> AsyncGenerator[list[ConsumerRecord[bytes, bytes]], None]:
+        """The request's records, a fetch at a time (lists never empty)."""
         key = message_key(request_id)
         consumer = new_consumer(self._kafka, fetch_max_wait_ms=50)
         try:
@@ -151,9 +173,9 @@ class LogReader:
                         f"the broker gave nothing from {topic} for {request_id} in "
                         f"{self._timeout_s:g}s"
                     )
-                for record in batch:
-                    if record.key == key:
-                        yield record
+                mine = [record for record in batch if record.key == key]
+                if mine:
+                    yield mine
                 if until_end and await at_end(consumer, tp):
                     return
         finally:

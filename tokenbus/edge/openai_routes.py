@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from relay.subscription import subscribe
+from relay.subscription import subscribe_events
 from schemas import (
     ErrorCode,
     FailedEvent,
@@ -213,7 +213,7 @@ async def _complete(
     shape = _Shape(kind, generation.request_id, body.model)
     if not body.stream:
         await accept(request, caller, generation)
-        events = subscribe(request.state.hub, request.state.log, generation.request_id)
+        events = subscribe_events(request.state.hub, request.state.log, generation.request_id)
         return await _whole(events, shape, headers)
     # The native stream's treatment (limits, send timeout, cancel_on_disconnect),
     # through the same helper; the stream's slot is taken before anything is
@@ -224,7 +224,7 @@ async def _complete(
     except BaseException:
         release()
         raise
-    events = subscribe(request.state.hub, request.state.log, generation.request_id)
+    events = subscribe_events(request.state.hub, request.state.log, generation.request_id)
     usage = body.stream_options is not None and body.stream_options.include_usage
     return stream_response(
         request,

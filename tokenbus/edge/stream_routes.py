@@ -25,17 +25,17 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from prometheus_client import Histogram
+from sse_starlette import EventSourceResponse
 
-from relay.hub import StreamHub
+from relay.hub import Held, StreamHub
 from relay.subscription import ResumedPastEnd, StreamTruncated, subscribe
-from schemas import StreamEvent, is_terminal
+from schemas import is_terminal, sse_error_frame
 from tokenbus.bus.log import LogReader, LogReadTimeout
 
 from .access import Access
 from .directory import RequestDirectory
 from .errors import ApiError, client_address, parse_request_id
-from .sse import error_to_sse, event_to_sse
 from .streaming import open_stream, stream_response
 
 log = logging.getLogger(__name__)
@@ -117,40 +117,46 @@ async def stream_events(
     )
 
 
-async def _frames(
-    request: Request, rid: uuid.UUID, after: int, pace: str
-) -> AsyncIterator[ServerSentEvent]:
+async def _frames(request: Request, rid: uuid.UUID, after: int, pace: str) -> AsyncIterator[bytes]:
     state = request.state
     hub: StreamHub = state.hub
-    events = subscribe(hub, state.log, rid, after=after)
+    batches = subscribe(hub, state.log, rid, after=after)
     if pace == "original":
-        events = _original_pace(events)
+        batches = _original_pace(batches)
     # Delivery delay counts live delivery only: events generated after this
     # subscriber connected, at the live pace. A replay's old events would add their
     # age, and delays paced on purpose, to the figure.
     connected = datetime.now(UTC) if pace == "fast" else None
+    delay: Histogram | None = None  # this stream's model's series, once known
     try:
-        async for event in events:
-            yield event_to_sse(event)
-            # Resumed by sse-starlette once the frame has been sent.
-            if connected is not None and event.ts >= connected:
-                hub.delivery_delay.observe((datetime.now(UTC) - event.ts).total_seconds())
+        async for batch in batches:
+            # Each frame was encoded once by the hub; a batch goes out in one write.
+            yield batch[0].frame if len(batch) == 1 else b"".join([h.frame for h in batch])
+            # Resumed by sse-starlette once the bytes have been sent.
+            if connected is not None:
+                now = datetime.now(UTC)
+                for held in batch:
+                    if held.event.ts >= connected:
+                        if delay is None:
+                            delay = hub.delivery_delay.labels(model=hub.model_of(rid) or "unknown")
+                        delay.observe((now - held.event.ts).total_seconds())
     except StreamTruncated as exc:
-        yield error_to_sse("stream_truncated", str(exc))
+        yield sse_error_frame("stream_truncated", str(exc))
     except ResumedPastEnd as exc:  # it ended between the check and the subscription
-        yield error_to_sse("after_end_of_stream", str(exc))
+        yield sse_error_frame("after_end_of_stream", str(exc))
 
 
-async def _original_pace(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+async def _original_pace(batches: AsyncIterator[list[Held]]) -> AsyncIterator[list[Held]]:
     """Each event when it is due: as far after the first as it was when recorded."""
     first: datetime | None = None
     start = 0.0
-    async for event in events:
-        if first is None:
-            first, start = event.ts, time.monotonic()
-        else:
-            due = start + (event.ts - first).total_seconds()
-            delay = due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)  # the recorded gap: pacing is the point here
-        yield event
+    async for batch in batches:
+        for held in batch:
+            if first is None:
+                first, start = held.event.ts, time.monotonic()
+            else:
+                due = start + (held.event.ts - first).total_seconds()
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # the recorded gap: pacing is the point here
+            yield [held]

@@ -41,14 +41,15 @@ def open_stream(request: Request, caller: Caller) -> Callable[[], None]:
 def stream_response(
     request: Request,
     request_id: uuid.UUID,
-    frames: AsyncIterator[ServerSentEvent],
+    frames: AsyncIterator[bytes | ServerSentEvent],
     release: Callable[[], None],
     *,
     cancel_on_disconnect: bool,
     headers: dict[str, str] | None = None,
 ) -> EventSourceResponse:
-    """``frames`` as an SSE response; ``release`` is called once it ends, and the
-    request is cancelled if it ends before ``frames`` does and ``cancel_on_disconnect``."""
+    """``frames`` (encoded frames as bytes, or `ServerSentEvent`s) as an SSE
+    response; ``release`` is called once it ends, and the request is cancelled if it
+    ends before ``frames`` does and ``cancel_on_disconnect``."""
     settings = request.state.server_settings
     state = request.state
     return EventSourceResponse(
@@ -62,10 +63,10 @@ def stream_response(
 
 
 async def _guarded(
-    frames: AsyncIterator[ServerSentEvent],
+    frames: AsyncIterator[bytes | ServerSentEvent],
     release: Callable[[], None],
     on_disconnect: Callable[[], None],
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[bytes | ServerSentEvent]:
     finished = False
     try:
         async for frame in frames:
