@@ -154,6 +154,9 @@ class ServerSettings(_Settings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # `tokenbus serve --workers N`: N processes on the port (SO_REUSEPORT), each a
+    # whole relay; see tokenbus/cli/relay_processes.py.
+    serve_workers: int = Field(default=1, ge=1, le=64, description="relay processes")
     keepalive_s: float = Field(default=15.0, gt=0, description="SSE comment interval")
     send_timeout_s: float = Field(default=30.0, gt=0, description="drop a client stuck this long")
     relay_max_streams: int = Field(default=1024, ge=1, description="streams held in memory")

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 
-from tokenbus.cli.settings import check_kafka, given, kafka_settings
+from tokenbus.cli.settings import check_kafka, given, kafka_settings, settings_of
 
 
 def analytics(args: argparse.Namespace) -> int:
     from consumers.analytics import Analytics
     from tokenbus.bus.settings import AnalyticsSettings
 
-    settings = AnalyticsSettings(**given(analytics_port=args.port, analytics_host=args.host))
+    settings = settings_of(
+        AnalyticsSettings, **given(analytics_port=args.port, analytics_host=args.host)
+    )
     kafka = kafka_settings()
     check_kafka(kafka)
     consumer = Analytics(kafka=kafka, settings=settings)

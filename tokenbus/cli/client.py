@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from tokenbus.bus.settings import ClientSettings
-from tokenbus.cli.settings import given, request_id
+from tokenbus.cli.settings import given, request_id, settings_of
 
 if TYPE_CHECKING:
     from producers import AsyncTokenbus  # imported where used, with httpx
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def _client(args: argparse.Namespace) -> AsyncTokenbus:
     from producers import AsyncTokenbus
 
-    settings = ClientSettings(**given(url=args.url, api_key=args.api_key))
+    settings = settings_of(ClientSettings, **given(url=args.url, api_key=args.api_key))
     return AsyncTokenbus(settings.url, api_key=settings.key())
 
 

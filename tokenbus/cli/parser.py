@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_cmd = commands.add_parser("serve", help="API + relay (HTTP)")
     _server_flags(serve_cmd)
+    serve_cmd.add_argument(
+        "--workers",
+        type=int,
+        help="relay processes on the port, for more than one core [TOKENBUS_SERVE_WORKERS, "
+        "default 1]",
+    )
+    serve_cmd.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     serve_cmd.set_defaults(run=serve.serve)
 
     worker_cmd = commands.add_parser("worker", help="one model worker")

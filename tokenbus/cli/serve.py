@@ -9,33 +9,57 @@ import argparse
 import asyncio
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 from tokenbus.bus.settings import AuditSettings, KafkaSettings, ServerSettings
-from tokenbus.cli.settings import check_kafka, check_port_free, given, kafka_settings
+from tokenbus.cli import relay_processes
+from tokenbus.cli.relay_processes import reuse_port_socket
+from tokenbus.cli.settings import (
+    check_kafka,
+    check_port_free,
+    given,
+    kafka_settings,
+    settings_of,
+)
 
 _EXAMPLE_BODY = '{"messages": [{"role": "user", "content": "Hi!"}], "temperature": 0.2}'
 
 
 def serve(args: argparse.Namespace) -> int:
-    server = ServerSettings(**given(port=args.port, host=args.host))
-    check_port_free(server.host, server.port, "--port / TOKENBUS_PORT")
+    server = settings_of(
+        ServerSettings, **given(port=args.port, host=args.host, serve_workers=args.workers)
+    )
     kafka = kafka_settings()
+    if args.reuse_port:  # one of `serve --workers N`'s processes
+        sock = reuse_port_socket(server.host, server.port)
+        asyncio.run(_serve(kafka, server, sockets=[sock]))
+        return 0
+    check_port_free(server.host, server.port, "--port / TOKENBUS_PORT")
     check_kafka(kafka)
+    if server.serve_workers > 1:
+        return relay_processes.run(server, server.serve_workers)
     asyncio.run(_serve(kafka, server))
     return 0
 
 
-async def _serve(kafka: KafkaSettings, server: ServerSettings) -> None:
-    serving, _ = start_server(kafka, server)
-    await announce(server, serving, since=None)
+async def _serve(
+    kafka: KafkaSettings, server: ServerSettings, sockets: list[socket.socket] | None = None
+) -> None:
+    serving, _ = start_server(kafka, server, sockets=sockets)
+    if sockets is None:
+        await announce(server, serving, since=None)
     await serving
 
 
 def start_server(
-    kafka: KafkaSettings, server: ServerSettings, *, audit_view: bool = False
+    kafka: KafkaSettings,
+    server: ServerSettings,
+    *,
+    audit_view: bool = False,
+    sockets: list[socket.socket] | None = None,
 ) -> tuple[asyncio.Task[None], Any]:
     """``audit_view`` (or TOKENBUS_AUDIT_VIEW): serve the audit view from the audit
     store TOKENBUS_AUDIT_STORE names (`up` runs the consumer that writes it)."""
@@ -45,13 +69,13 @@ def start_server(
     from tokenbus.edge.app import create_app
     from tokenbus.edge.limits import server_config
 
-    audit = AuditSettings() if audit_view or server.audit_view else None
+    audit = settings_of(AuditSettings) if audit_view or server.audit_view else None
     try:
         app = create_app(kafka=kafka, settings=server, audit=audit)  # enforces the access rules
     except AccessConfigError as exc:
         raise SystemExit(f"tokenbus: {exc}") from None
     uv = uvicorn.Server(server_config(app, server, log_level="warning"))
-    serving = asyncio.create_task(uv.serve())
+    serving = asyncio.create_task(uv.serve(sockets=sockets))
     # On Ctrl-C uvicorn finishes serving, then raises the signal again for us: the
     # KeyboardInterrupt ends `up` (exit 130) through the loop, so the task's copy of
     # it is marked seen here rather than logged as "never retrieved".

@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic_settings import BaseSettings
 
 from tokenbus.bus.settings import KafkaSettings
+
+_S = TypeVar("_S", bound=BaseSettings)
 
 
 class SetupError(Exception):
@@ -23,10 +27,16 @@ def given(**flags: Any) -> dict[str, Any]:
 def kafka_settings(**flags: Any) -> KafkaSettings:
     """The Kafka settings from flags and the environment; a bad one is a `SetupError`
     naming the variable, not a traceback."""
+    return settings_of(KafkaSettings, **flags)
+
+
+def settings_of(kind: type[_S], **flags: Any) -> _S:
+    """Settings of ``kind`` from flags and the environment; a bad one is a
+    `SetupError` naming the variable, not a traceback."""
     from pydantic import ValidationError
 
     try:
-        return KafkaSettings(**flags)
+        return kind(**flags)
     except ValidationError as exc:
         raise SetupError("; ".join(_setting_error(error) for error in exc.errors())) from None
 

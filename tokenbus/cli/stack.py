@@ -23,6 +23,7 @@ from tokenbus.cli.settings import (
     check_port_free,
     given,
     kafka_settings,
+    settings_of,
 )
 
 log = logging.getLogger("tokenbus")
@@ -48,10 +49,10 @@ def up(args: argparse.Namespace) -> int:
     from tokenbus.bus.broker import EmbeddedBroker
 
     kafka = kafka_settings(**given(broker_port=args.broker_port))
-    server = ServerSettings(**given(port=args.port, host=args.host))
+    server = settings_of(ServerSettings, **given(port=args.port, host=args.host))
     # What would stop the stack later, said before anything starts.
     check_port_free(server.host, server.port, "--port / TOKENBUS_PORT")
-    check_model_path(WorkerSettings(**given(model=args.model)).model)
+    check_model_path(settings_of(WorkerSettings, **given(model=args.model)).model)
     if not kafka.embedded:
         check_kafka(kafka)
     started = time.perf_counter()
@@ -132,7 +133,7 @@ async def _start_analytics(kafka: KafkaSettings) -> asyncio.subprocess.Process:
     """`up`'s analytics consumer. Not essential: if it stops, the stack goes on."""
     from tokenbus.bus.settings import AnalyticsSettings
 
-    settings = AnalyticsSettings()
+    settings = settings_of(AnalyticsSettings)
     log.info("analytics on http://%s:%d/summary", settings.analytics_host, settings.analytics_port)
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tokenbus", "analytics",
