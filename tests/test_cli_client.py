@@ -10,15 +10,17 @@ import os
 import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from schemas import FinishedEvent, FinishReason, uuid7
+from tokenbus.bus.log import LogReader
 from tokenbus.bus.settings import KafkaSettings
 
-from .conftest import Stack, assert_complete, free_port, serving
+from .conftest import Stack, assert_complete, collect, free_port, serving
 
 LONG = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
@@ -135,3 +137,41 @@ async def test_a_model_path_that_is_not_there_is_one_line(command: str, tmp_path
         f"tokenbus {command}: --model / TOKENBUS_MODEL: {missing} does not exist; give a "
         "local transformers model directory, or leave it out for the default SmolLM2"
     )
+
+
+async def test_submit_takes_every_parameter_a_submission_has(stack: Stack) -> None:
+    status, out, err = await tokenbus(
+        "submit", "Say hi.", "--url", stack.url, "--system", "Be brief.", "--max-tokens", "5",
+        "--temperature", "0.5", "--top-p", "0.9", "--top-k", "40", "--seed", "7",
+        "--stop", "\n\n", "--stop", "END", "--meta", "team=ml", "--meta", "run=a=b",
+        "--deadline", "2099-01-01T00:00:00Z",
+    )  # fmt: skip
+    assert status == 0, err
+    rid = uuid.UUID(out.strip())
+    found = await LogReader(kafka=stack.kafka).find_request(rid)
+    assert found is not None and found.request is not None
+    request = found.request
+    assert [(m.role, m.content) for m in request.messages or []] == [
+        ("system", "Be brief."), ("user", "Say hi."),
+    ]  # fmt: skip
+    sampling = request.sampling
+    assert (sampling.max_tokens, sampling.temperature, sampling.top_p) == (5, 0.5, 0.9)
+    assert (sampling.top_k, sampling.seed, sampling.stop) == (40, 7, ["\n\n", "END"])
+    assert request.metadata == {"team": "ml", "run": "a=b"}
+    assert request.deadline is not None and request.deadline.year == 2099
+    events = await collect(stack.client, rid)
+    assert_complete(events)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--meta", "novalue"], "--meta 'novalue': give KEY=VALUE"),
+        (["--raw", "--system", "s"], "--system makes a chat: leave out --raw"),
+        (["--top-p", "2"], "top_p"),
+    ],
+)
+async def test_bad_submit_flags_are_one_line(stack: Stack, args: list[str], says: str) -> None:
+    status, _, err = await tokenbus("submit", "p", "--url", stack.url, *args)
+    assert status != 0
+    assert says in one_line(err)

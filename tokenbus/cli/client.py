@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from tokenbus.bus.settings import ClientSettings
-from tokenbus.cli.settings import given, request_id, settings_of
+from tokenbus.cli.settings import SetupError, given, request_id, settings_of
 
 if TYPE_CHECKING:
     from producers import AsyncTokenbus  # imported where used, with httpx
@@ -30,17 +30,37 @@ def submit(args: argparse.Namespace) -> int:
 
 async def _submit(args: argparse.Namespace) -> int:
     async with _client(args) as client:
-        sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature,
-                    "seed": args.seed}  # fmt: skip
+        options = {
+            "model": args.model, "max_tokens": args.max_tokens,
+            "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+            "seed": args.seed, "stop": args.stop, "deadline": args.deadline,
+            "metadata": _metadata(args.meta),
+        }  # fmt: skip
         if args.raw:
-            submission = await client.submit(args.prompt, **sampling)
+            if args.system is not None:
+                raise SetupError("--system makes a chat: leave out --raw")
+            submission = await client.submit(args.prompt, **options)
         else:
             messages = [{"role": "user", "content": args.prompt}]
-            submission = await client.submit(messages=messages, **sampling)
+            if args.system is not None:
+                messages.insert(0, {"role": "system", "content": args.system})
+            submission = await client.submit(messages=messages, **options)
         print(submission.request_id, file=sys.stderr if args.follow else sys.stdout)
         if not args.follow:
             return 0
         return await _print_stream(client, str(submission.request_id), after=-1)
+
+
+def _metadata(pairs: list[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    metadata = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SetupError(f"--meta {pair!r}: give KEY=VALUE")
+        metadata[key] = value
+    return metadata
 
 
 def stream(args: argparse.Namespace) -> int:

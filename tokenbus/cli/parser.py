@@ -70,9 +70,23 @@ def _client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     submit.add_argument("prompt")
     submit.add_argument("--follow", "-f", action="store_true", help="stream the answer")
     submit.add_argument("--raw", action="store_true", help="send as a plain prompt, not a chat")
+    submit.add_argument("--system", help="a system message before the prompt (a chat)")
+    submit.add_argument("--model", help="a model the workers serve [the server's default]")
     submit.add_argument("--max-tokens", type=int)
     submit.add_argument("--temperature", type=float)
+    submit.add_argument("--top-p", type=float)
+    submit.add_argument("--top-k", type=int)
     submit.add_argument("--seed", type=int)
+    submit.add_argument(
+        "--stop", action="append", help="end the answer before this text (repeatable)"
+    )
+    submit.add_argument("--deadline", help="fail if not done by then (ISO 8601 with a zone)")
+    submit.add_argument(
+        "--meta",
+        action="append",
+        metavar="KEY=VALUE",
+        help="metadata kept with the request (repeatable)",
+    )
     _url_flag(submit)
     submit.set_defaults(run=client.submit)
 
