@@ -7,8 +7,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Awaitable, Iterator
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -44,6 +44,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _TOPIC_ALREADY_EXISTS = 36
+_T = TypeVar("_T")
 # Fewer brokers up and unfenced than the replication factor: a cluster (re)starting.
 _INVALID_REPLICATION_FACTOR = 38
 _REPLICA_NOT_AVAILABLE = 9
@@ -264,6 +265,21 @@ def position_now(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
         return None
     state = consumer._subscription.subscription.assignment.state_value(tp)
     return state.position if state is not None and state.has_valid_position else None
+
+
+async def to_completion(step: Awaitable[_T]) -> _T:
+    """Await ``step`` to its end even if the caller is cancelled meanwhile (however
+    often: anyio re-delivers a scope's cancellation); the cancellation is raised
+    once it is done. For a client's start and stop: cut halfway, they leave a
+    connection that nothing closes."""
+    task = asyncio.ensure_future(step)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+        raise
 
 
 async def at_end(consumer: AIOKafkaConsumer, *partitions: TopicPartition) -> bool:

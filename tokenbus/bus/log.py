@@ -18,7 +18,6 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
-import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
@@ -34,7 +33,7 @@ from schemas import (
     uuid7_unix_ms,
 )
 
-from .kafka import at_end, new_consumer, partition_for, partitions_of
+from .kafka import at_end, new_consumer, partition_for, partitions_of, to_completion
 from .settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -151,12 +150,10 @@ class LogReader:
         key = message_key(request_id)
         consumer = new_consumer(self._kafka, fetch_max_wait_ms=50)
         try:
-            # A subscriber that hangs up is cancelled by an anyio cancel scope, which
-            # cancels every later await too. Cancelled halfway, aiokafka's start()
-            # leaves a connection that stop() never closes; so start and stop are
-            # shielded, and a read is cancelled only between the two.
-            with anyio.CancelScope(shield=True):
-                await consumer.start()
+            # A subscriber that hangs up has its task cancelled. Cancelled halfway,
+            # aiokafka's start() leaves a connection that stop() never closes; so
+            # start and stop run to their end, and a read is cancelled only between.
+            await to_completion(consumer.start())
             tp = await self._locate(consumer, topic, request_id)
             if tp is None:
                 return
@@ -179,8 +176,7 @@ class LogReader:
                 if until_end and await at_end(consumer, tp):
                     return
         finally:
-            with anyio.CancelScope(shield=True):
-                await consumer.stop()
+            await to_completion(consumer.stop())
 
     async def _locate(
         self, consumer: AIOKafkaConsumer, topic: str, request_id: uuid.UUID

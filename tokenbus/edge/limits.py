@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenbus.bus.settings import ServerSettings
 
 from .errors import error_response
+from .sse_response import SHUTDOWN
 
 if TYPE_CHECKING:
     import uvicorn
@@ -134,6 +135,15 @@ def server_config(app: ASGIApp, settings: ServerSettings, **options: Any) -> uvi
             if waiting and (self._head_timer is None or self._head_for is not self.cycle):
                 self._arm_head_timer()
             super().data_received(data)
+
+        def shutdown(self) -> None:
+            super().shutdown()
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                # A response still streaming (SSE) is told to end cleanly: its
+                # receive() wakes, and the scope says why (see edge/sse_response.py).
+                cycle.scope[SHUTDOWN] = True  # type: ignore[literal-required]
+                cycle.message_event.set()
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._head_timer is not None:

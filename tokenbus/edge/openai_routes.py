@@ -21,7 +21,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from relay.subscription import subscribe_events
 from schemas import (
@@ -40,6 +39,7 @@ from schemas.requests import ANY_MODEL, MAX_PROMPT_CHARS, ChatMessage
 
 from .access import Caller
 from .errors import ApiError, describe, json_body
+from .sse_response import SseResponse
 from .streaming import open_stream, stream_response
 from .submit_routes import accept, caller
 
@@ -155,7 +155,7 @@ async def chat_completions(
     request: Request,
     caller: Annotated[Caller, Depends(caller)],
     body: Annotated[ChatCompletionBody, Depends(_chat_body)],
-) -> JSONResponse | EventSourceResponse:
+) -> JSONResponse | SseResponse:
     messages = []
     for i, message in enumerate(body.messages):
         try:
@@ -170,7 +170,7 @@ async def completions(
     request: Request,
     caller: Annotated[Caller, Depends(caller)],
     body: Annotated[CompletionBody, Depends(_completion_body)],
-) -> JSONResponse | EventSourceResponse:
+) -> JSONResponse | SseResponse:
     if body.echo:
         raise _invalid("echo is not supported", param="echo")
     return await _complete(request, caller, body, "text", messages=None, prompt=body.text())
@@ -193,7 +193,7 @@ async def _complete(
     *,
     messages: list[ChatMessage] | None,
     prompt: str | None,
-) -> JSONResponse | EventSourceResponse:
+) -> JSONResponse | SseResponse:
     body.check_supported()
     try:
         generation = GenerationRequest(
@@ -275,7 +275,7 @@ def _usage(finished: FinishedEvent) -> dict[str, int]:
 
 async def _chunks(
     events: AsyncIterator[StreamEvent], shape: _Shape, *, include_usage: bool
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[bytes]:
     first = True
     extra = {"usage": None} if include_usage else {}
     async for event in events:
@@ -296,7 +296,7 @@ async def _chunks(
                 yield _data(shape.envelope(chunk=True) | {"choices": [], "usage": _usage(event)})
         elif isinstance(event, FailedEvent):
             yield _data({"error": _error_body(event)[1]})
-    yield ServerSentEvent(data="[DONE]")
+    yield b"data: [DONE]\r\n\r\n"
 
 
 async def _whole(
@@ -328,8 +328,9 @@ def _error_body(failed: FailedEvent) -> tuple[int, dict[str, Any]]:
     return status, {"message": failed.message, "type": kind, "param": None, "code": code}
 
 
-def _data(payload: dict[str, Any]) -> ServerSentEvent:
-    return ServerSentEvent(data=json.dumps(payload, separators=(",", ":")))
+def _data(payload: dict[str, Any]) -> bytes:
+    """An OpenAI stream chunk: a data-only SSE frame (the one place it is written)."""
+    return b"data: %s\r\n\r\n" % json.dumps(payload, separators=(",", ":")).encode()
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -26,7 +26,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from prometheus_client import Histogram
-from sse_starlette import EventSourceResponse
 
 from relay.hub import Held, StreamHub
 from relay.subscription import ResumedPastEnd, StreamTruncated, subscribe
@@ -36,6 +35,7 @@ from tokenbus.bus.log import LogReader, LogReadTimeout
 from .access import Access
 from .directory import RequestDirectory
 from .errors import ApiError, client_address, parse_request_id
+from .sse_response import SseResponse
 from .streaming import open_stream, stream_response
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ async def stream_events(
     token: Annotated[str | None, Query(description="stream token from the submission")] = None,
     last_event_id: Annotated[str | None, Header()] = None,
     authorization: Annotated[str | None, Header()] = None,
-) -> EventSourceResponse | Response:
+) -> SseResponse | Response:
     rid = parse_request_id(request_id)
     resume_after = resume_point(after, last_event_id)
     access: Access = request.state.access
@@ -132,7 +132,7 @@ async def _frames(request: Request, rid: uuid.UUID, after: int, pace: str) -> As
         async for batch in batches:
             # Each frame was encoded once by the hub; a batch goes out in one write.
             yield batch[0].frame if len(batch) == 1 else b"".join([h.frame for h in batch])
-            # Resumed by sse-starlette once the bytes have been sent.
+            # Resumed once the bytes have been sent (SseResponse).
             if connected is not None:
                 now = datetime.now(UTC)
                 for held in batch:

@@ -18,12 +18,12 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 from fastapi import Request
-from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from producers.submitter import BrokerUnavailable, Submitter
 from schemas import Cancel
 
 from .access import Access, Caller
+from .sse_response import SseResponse
 
 log = logging.getLogger(__name__)
 
@@ -41,43 +41,32 @@ def open_stream(request: Request, caller: Caller) -> Callable[[], None]:
 def stream_response(
     request: Request,
     request_id: uuid.UUID,
-    frames: AsyncIterator[bytes | ServerSentEvent],
+    chunks: AsyncIterator[bytes],
     release: Callable[[], None],
     *,
     cancel_on_disconnect: bool,
     headers: dict[str, str] | None = None,
-) -> EventSourceResponse:
-    """``frames`` (encoded frames as bytes, or `ServerSentEvent`s) as an SSE
-    response; ``release`` is called once it ends, and the request is cancelled if it
-    ends before ``frames`` does and ``cancel_on_disconnect``."""
+) -> SseResponse:
+    """``chunks`` (encoded SSE frames) as an SSE response; ``release`` is called once
+    it ends, and the request is cancelled if it ends before ``chunks`` does and
+    ``cancel_on_disconnect``."""
     settings = request.state.server_settings
     state = request.state
-    return EventSourceResponse(
-        _guarded(
-            frames, release, lambda: _cancel(state, request_id) if cancel_on_disconnect else None
-        ),
-        ping=settings.keepalive_s,
-        send_timeout=settings.send_timeout_s,
-        headers=STREAM_HEADERS | (headers or {}),
-    )
 
-
-async def _guarded(
-    frames: AsyncIterator[bytes | ServerSentEvent],
-    release: Callable[[], None],
-    on_disconnect: Callable[[], None],
-) -> AsyncIterator[bytes | ServerSentEvent]:
-    finished = False
-    try:
-        async for frame in frames:
-            yield frame  # resumed by sse-starlette once the frame has been sent
-        finished = True
-    finally:
-        # Not finished: the client went away, or a send timed out (its task is
-        # being cancelled).
+    def on_end(complete: bool) -> None:
         release()
-        if not finished:
-            on_disconnect()
+        # Not complete: the client went away, a send timed out, or the server
+        # is shutting down.
+        if not complete and cancel_on_disconnect:
+            _cancel(state, request_id)
+
+    return SseResponse(
+        chunks,
+        ping_s=settings.keepalive_s,
+        send_timeout_s=settings.send_timeout_s,
+        headers=STREAM_HEADERS | (headers or {}),
+        on_end=on_end,
+    )
 
 
 def _cancel(state: object, request_id: uuid.UUID) -> None:
