@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,7 +71,7 @@ class Listener:
 
     def __init__(self, backlog: list[Held], capacity: int) -> None:
         self.backlog = backlog  # what the hub held when the listener was registered
-        self._queue: deque[Held] = deque()
+        self._queue: list[Held] = []  # swapped out whole by take(); lighter than a deque
         self._capacity = capacity
         self._waiter: asyncio.Future[None] | None = None
         self.overflowed = False
@@ -104,8 +104,7 @@ class Listener:
                 await self._waiter
             finally:
                 self._waiter = None
-        taken = list(self._queue)
-        self._queue.clear()
+        taken, self._queue = self._queue, []
         return taken
 
 
