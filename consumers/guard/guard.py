@@ -161,6 +161,7 @@ class Guard:
             # stale event after a stream's end, or a failure before any start.
             return None
         tenant, mode = described
+        self.metrics.streams.labels(mode.value).inc()
         if mode is ModerationMode.OFF:
             self._finished(event.request_id)
             return None

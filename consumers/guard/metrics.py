@@ -26,6 +26,12 @@ class GuardMetrics:
             ["category", "policy"],
             registry=self.registry,
         )
+        self.streams = Counter(
+            "tokenbus_guard_streams",
+            "Streams seen from their start, by moderation mode (off: not judged)",
+            ["mode"],
+            registry=self.registry,
+        )
         self.events = Counter(
             "tokenbus_guard_events", "Events of moderated streams judged", registry=self.registry
         )
