@@ -21,7 +21,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from consumers.audit import AuditStore, account, open_store, verify
 from consumers.guard import Guard, Policies
 from producers import TokenbusClient
 from schemas import (
@@ -39,6 +41,7 @@ from tokenbus.bus.settings import GuardSettings, KafkaSettings, kafka_env
 from tokenbus.bus.verdicts import VerdictTail
 from workers import LoadedModel
 
+from .audit_support import auditing
 from .conftest import assert_complete, collect, eventually, running, serving, text_of, working
 
 pytestmark = pytest.mark.broker_behaviour
@@ -106,6 +109,35 @@ async def test_monitor_cuts_the_stream_right_after_an_email_address(bus: Bus) ->
     assert end.seq - flagged.end_seq <= 8
     assert end.usage.completion_tokens < 60
     assert view.final
+
+
+async def test_audit_stores_the_verdicts_with_the_records_they_judged(
+    bus: Bus, kafka: KafkaSettings, tmp_path: Path
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    path = str(tmp_path / "audit.db")
+    async with auditing(kafka, path, key):
+        submission = await bus.client.submit(EMAIL, max_tokens=60, temperature=0,
+                                             moderation="monitor")  # fmt: skip
+        rid = submission.request_id
+        events = await collect(bus.client, rid)
+        await bus.tail.wait_judged(rid, events[-1].seq, deadline=_in(30))
+        with open_store(path) as reader:
+            await eventually(lambda: _audited_through(reader, rid, events[-1].seq))
+    with open_store(path) as store:  # the consumer checkpointed as it stopped
+        found = account(store, rid)
+        assert verify(store, key.public_key()).clean
+    assert found is not None and found["outcome"]["finish_reason"] == "content_filter"
+    assert found["outcome"]["content_filter"]["category"] == "email"
+    moderation = found["moderation"]
+    assert moderation["final"] and moderation["judged_through"] == events[-1].seq
+    assert [v["text"] for v in moderation["violations"]] == ["jdoe@example.com"]
+
+
+def _audited_through(store: AuditStore, rid: uuid.UUID, seq: int) -> bool:
+    found = account(store, rid)
+    return bool(found and found["moderation"] and found["moderation"]["final"]
+                and len(found["events"]) == seq + 1)  # fmt: skip
 
 
 async def test_off_changes_nothing(bus: Bus) -> None:
