@@ -3,6 +3,7 @@ watermark as its text grows, and the fencing rule of verdicts."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -215,3 +216,28 @@ def test_a_stale_guards_verdict_does_not_count() -> None:
     assert view.accept(_verdict(rid, 300, 2, flag))  # a newer one judging again: never lower
     assert view.judged_through == 5 and view.flagged == flag
     assert view.withheld(3) and view.withheld(7) and not view.withheld(2)
+
+
+async def test_wait_judged_returns_once_the_watermark_passes_and_fails_closed_at_the_deadline() -> (
+    None
+):
+    from tokenbus.bus.settings import KafkaSettings
+    from tokenbus.bus.verdicts import GuardTimeout, VerdictTail
+
+    waits: list[float] = []
+    tail = VerdictTail(KafkaSettings(), on_wait=waits.append)  # not run: verdicts are added
+    rid = uuid7()
+    loop = asyncio.get_running_loop()
+    waiting = asyncio.create_task(tail.wait_judged(rid, 3, deadline=loop.time() + 30))
+    tail.add(_verdict(rid, 200, 2))
+    await asyncio.sleep(0)  # let it look: seq 3 is not judged yet
+    assert not waiting.done()
+    tail.add(_verdict(rid, 100, 9))  # a stale guard's word does not release it
+    await asyncio.sleep(0)
+    assert not waiting.done() and tail.fenced == 1
+    tail.add(_verdict(rid, 200, 3))
+    view = await waiting
+    assert view.judged_through == 3 and tail.watermark(rid) == 3 and len(waits) == 1
+    with pytest.raises(GuardTimeout):
+        await tail.wait_judged(rid, 4, deadline=loop.time() + 0.05)
+    assert tail.watermark(uuid7()) == -1

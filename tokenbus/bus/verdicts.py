@@ -11,7 +11,9 @@ event only once the guard has judged it:
     tail.view(request_id)                # -> VerdictView | None (violations, final)
 
 `wait_judged` raises `GuardTimeout` once ``deadline`` (``loop.time()`` clock)
-passes: the guard is down or behind, and a strict stream fails closed.
+passes: the guard is down or behind, and a strict stream fails closed. Each wait's
+length goes to ``on_wait`` (seconds; 0 when the event was judged already): a strict
+relay passes a histogram's ``observe``, strict mode's added delivery delay.
 """
 
 from __future__ import annotations
@@ -44,11 +46,13 @@ class VerdictTail:
         lookback_s: float = 3600,
         max_requests: int = 100_000,
         on_verdict: Callable[[Verdict, bool], object] = lambda verdict, accepted: None,
+        on_wait: Callable[[float], object] = lambda seconds: None,
     ) -> None:
         self._kafka = kafka
         self._lookback_ms = int(lookback_s * 1000)
         self._max_requests = max_requests
         self._on_verdict = on_verdict  # (verdict, accepted by the fencing rule)
+        self._on_wait = on_wait
         self._views: OrderedDict[uuid.UUID, VerdictView] = OrderedDict()
         self._changed: dict[uuid.UUID, asyncio.Event] = {}  # set at the next verdict
         self._waiting: dict[uuid.UUID, int] = {}
@@ -67,9 +71,12 @@ class VerdictTail:
     async def wait_judged(self, request_id: uuid.UUID, seq: int, *, deadline: float) -> VerdictView:
         """The request's view once its watermark is at ``seq`` or past it; raises
         `GuardTimeout` at ``deadline`` (the event loop's clock)."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         while True:
             view = self._views.get(request_id)
             if view is not None and view.judged(seq):
+                self._on_wait(loop.time() - began)
                 return view
             changed = self._changed.setdefault(request_id, asyncio.Event())
             self._waiting[request_id] = self._waiting.get(request_id, 0) + 1
