@@ -179,6 +179,23 @@ async def test_a_stale_guards_verdict_does_not_count(bus: Bus, kafka: KafkaSetti
     assert tail.view(rid).flagged is None  # type: ignore[union-attr]
 
 
+async def test_malformed_messages_are_skipped_and_counted(bus: Bus, kafka: KafkaSettings) -> None:
+    rid = uuid.uuid4()
+    producer = await start_producer(kafka)
+    try:
+        for topic in (kafka.topics.tokens, kafka.topics.verdicts):
+            await producer.send_and_wait(topic, b"{not json", key=message_key(rid))
+    finally:
+        await producer.stop()
+    submission = await bus.client.submit(EMAIL, max_tokens=40, temperature=0,
+                                         moderation="monitor")  # fmt: skip
+    events = await collect(bus.client, submission.request_id)
+    assert isinstance(events[-1], FinishedEvent)
+    assert events[-1].finish_reason is FinishReason.CONTENT_FILTER  # judged all the same
+    await eventually(lambda: bus.guard.metrics.malformed._value.get() == 1)
+    await eventually(lambda: bus.tail.malformed == 1)
+
+
 async def test_openai_endpoints_say_content_filter(bus: Bus) -> None:
     answer = await bus.http.post(
         "/v1/completions",
