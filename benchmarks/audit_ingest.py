@@ -51,6 +51,7 @@ from consumers.audit import (
     Checkpointer,
     Ingest,
     StreamStates,
+    VerdictChains,
     open_store,
     verify,
 )
@@ -150,7 +151,12 @@ def store_url(backend: str, postgres: str, directory: Path) -> Iterator[str]:
 def bench_store(url: str, log: Sequence[Message], topics: Topics, batch: int) -> dict[str, Any]:
     key = Ed25519PrivateKey.generate()
     with open_store(url) as store:
-        ingest = Ingest(topics=topics, states=StreamStates(load=store.streams), stats=AuditStats())
+        ingest = Ingest(
+            topics=topics,
+            states=StreamStates(load=store.streams),
+            stats=AuditStats(),
+            verdicts=VerdictChains.of(store),
+        )
         started = time.perf_counter()
         cpu = time.process_time()
         for start in range(0, len(log), batch):

@@ -70,6 +70,7 @@ class AsyncTokenbus:
         deadline: datetime | str | None = None,
         metadata: Mapping[str, str] | None = None,
         cancel_on_disconnect: bool | None = None,
+        moderation: str | None = None,
     ) -> Submission:
         """Submit a job (a ``prompt`` or a chat of ``messages``); returns once the
         broker has it. What is not given takes the server's default."""
@@ -77,6 +78,7 @@ class AsyncTokenbus:
             prompt, messages, model=model, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, stop=stop, deadline=deadline,
             metadata=metadata, cancel_on_disconnect=cancel_on_disconnect,
+            moderation=moderation,
         )  # fmt: skip
         return submission_of(await self._http.post("/v1/requests", json=body))
 

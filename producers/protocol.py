@@ -69,6 +69,7 @@ def submit_body(
     deadline: datetime | str | None,
     metadata: Mapping[str, str] | None,
     cancel_on_disconnect: bool | None,
+    moderation: str | None = None,
 ) -> dict[str, Any]:
     """The JSON of ``POST /v1/requests``; what is None is left to the server's default.
 
@@ -90,6 +91,7 @@ def submit_body(
         "deadline": deadline.isoformat() if isinstance(deadline, datetime) else deadline,
         "metadata": dict(metadata) if metadata is not None else None,
         "cancel_on_disconnect": cancel_on_disconnect,
+        "moderation": moderation,
     }
     return {name: value for name, value in body.items() if value is not None}
 

@@ -1,6 +1,7 @@
 """The contract: every message on the bus, its topic, and its one encoding."""
 
 from .events import (
+    ContentFilter,
     ErrorCode,
     FailedEvent,
     FinishedEvent,
@@ -20,15 +21,18 @@ from .requests import (
     Cancel,
     ChatMessage,
     GenerationRequest,
+    ModerationMode,
     PromptInput,
     SamplingParams,
 )
 from .topics import Topics, message_key
+from .verdicts import Verdict, VerdictView, Violation
 from .wire import (
     MalformedMessage,
     decode_cancel,
     decode_event,
     decode_request,
+    decode_verdict,
     encode,
     sse_error_frame,
     sse_frame,
@@ -39,12 +43,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "Cancel",
     "ChatMessage",
+    "ContentFilter",
     "ErrorCode",
     "FailedEvent",
     "FinishReason",
     "FinishedEvent",
     "GenerationRequest",
     "MalformedMessage",
+    "ModerationMode",
     "PromptInput",
     "SamplingParams",
     "StartedEvent",
@@ -54,9 +60,13 @@ __all__ = [
     "TokenEvent",
     "Topics",
     "Usage",
+    "Verdict",
+    "VerdictView",
+    "Violation",
     "decode_cancel",
     "decode_event",
     "decode_request",
+    "decode_verdict",
     "encode",
     "is_terminal",
     "message_key",

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from .requests import SCHEMA_VERSION
+from .requests import SCHEMA_VERSION, ModerationMode
 
 
 class FinishReason(StrEnum):
@@ -25,6 +25,7 @@ class FinishReason(StrEnum):
     LENGTH = "length"  # max_tokens reached
     CANCELLED = "cancelled"
     EXPIRED = "expired"  # deadline passed
+    CONTENT_FILTER = "content_filter"  # the guard flagged the text (see schemas.verdicts)
 
 
 class ErrorCode(StrEnum):
@@ -51,6 +52,11 @@ class StartedEvent(_Event):
     model_revision: str
     prompt_tokens: int
     queue_wait_ms: float
+    # What the guard needs to judge the stream, so that it reads tokenbus.tokens
+    # alone: whose policies apply, and the request's moderation mode (resolved at
+    # submission). None in streams written before the guard existed.
+    tenant: str | None = None
+    moderation: ModerationMode | None = None
 
 
 class TokenEvent(_Event):
@@ -77,11 +83,23 @@ class Timings(BaseModel):
     total_ms: float  # pickup -> terminal event
 
 
+class ContentFilter(BaseModel):
+    """Why a stream ended ``content_filter``: the guard's violation that stopped it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    category: str
+    policy: str
+    policy_version: str
+    seq: int  # the first event holding the flagged text
+
+
 class FinishedEvent(_Event):
     type: Literal["finished"] = "finished"
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+    content_filter: ContentFilter | None = None  # with finish_reason content_filter
 
 
 class FailedEvent(_Event):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
@@ -29,6 +30,20 @@ MAX_METADATA_VALUE_CHARS = 512
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # what the default worker serves
 ANY_MODEL = "default"  # a request that names no model: whatever the worker group serves
+
+
+class ModerationMode(StrEnum):
+    """What the guard (consumers/guard) does with a request's stream.
+
+    ``off``: nothing. ``monitor``: events are delivered at once; a violation stops
+    the generation and the stream ends ``content_filter``. ``strict``: as monitor,
+    and the relay delivers an event only once the guard has judged it.
+    """
+
+    OFF = "off"
+    MONITOR = "monitor"
+    STRICT = "strict"
+
 
 TenantId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
 ModelName = Annotated[str, Field(min_length=1, max_length=128)]
@@ -107,6 +122,9 @@ class GenerationRequest(PromptInput):
     # Off by default, because an async job must survive its client going away.
     cancel_on_disconnect: bool = False
     metadata: dict[str, str] = Field(default_factory=dict)
+    # Set at submission: the client's choice or its tenant's default. None (a request
+    # from before the guard, or a producer that does not resolve it) is `off`.
+    moderation: ModerationMode | None = None
 
     @model_validator(mode="after")
     def _check(self) -> GenerationRequest:

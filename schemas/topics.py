@@ -16,13 +16,22 @@ class Topics:
     # Each signed audit checkpoint, keyed by the audit store's id: a witness outside
     # the store's host, for `tokenbus audit verify --witness`.
     audit_checkpoints: str = "tokenbus.audit-checkpoints"
+    # The guard's verdicts on each stream, keyed by request id (schemas.verdicts).
+    verdicts: str = "tokenbus.verdicts"
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:
         return cls(*(prefix + name for name in cls().all()))
 
-    def all(self) -> tuple[str, str, str, str, str]:
-        return (self.requests, self.tokens, self.control, self.dead_letter, self.audit_checkpoints)
+    def all(self) -> tuple[str, str, str, str, str, str]:
+        return (
+            self.requests,
+            self.tokens,
+            self.control,
+            self.dead_letter,
+            self.audit_checkpoints,
+            self.verdicts,
+        )
 
 
 def message_key(request_id: uuid.UUID) -> bytes:

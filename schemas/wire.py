@@ -15,6 +15,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .events import StreamEvent
 from .requests import Cancel, GenerationRequest
+from .verdicts import Verdict
 
 
 class MalformedMessage(ValueError):
@@ -59,6 +60,10 @@ def decode_request(value: bytes | None) -> GenerationRequest:
 
 def decode_cancel(value: bytes | None) -> Cancel:
     return _decode(Cancel, value)
+
+
+def decode_verdict(value: bytes | None) -> Verdict:
+    return _decode(Verdict, value)
 
 
 def decode_event(value: bytes | None) -> StreamEvent:

@@ -20,6 +20,7 @@ from consumers.audit import (
     Checkpointer,
     Ingest,
     StreamStates,
+    VerdictChains,
     open_store,
 )
 from schemas import (
@@ -147,7 +148,10 @@ def ingest(
 ) -> Ingest:
     """Write records the way the consumer does (one batch)."""
     pipeline = Ingest(
-        topics=TOPICS, states=StreamStates(load=store.streams), stats=stats or AuditStats()
+        topics=TOPICS,
+        states=StreamStates(load=store.streams),
+        stats=stats or AuditStats(),
+        verdicts=VerdictChains.of(store),
     )
     batch = pipeline.build(records)
     store.write(batch)

@@ -203,12 +203,13 @@ def test_every_long_running_tokenbus_service_has_a_healthcheck_on_its_own_port(
     compose: dict[str, Any],
 ) -> None:
     services = long_running_tokenbus_services(compose)
-    assert {"relay", "worker", "audit", "analytics"} <= set(services)
+    assert {"relay", "worker", "audit", "analytics", "guard"} <= set(services)
     expected = {
         "relay": "http://127.0.0.1:8000/readyz",
         "analytics": "http://127.0.0.1:8001/readyz",
         "worker": "http://127.0.0.1:{TOKENBUS_WORKER_METRICS_PORT}/metrics",
         "audit": "http://127.0.0.1:{TOKENBUS_AUDIT_METRICS_PORT}/metrics",
+        "guard": "http://127.0.0.1:{TOKENBUS_GUARD_METRICS_PORT}/metrics",
     }
     for name, service in services.items():
         url = expected[name].format(**service["environment"])
@@ -221,6 +222,7 @@ def test_every_long_running_tokenbus_service_has_a_healthcheck_on_its_own_port(
     assert analytics[analytics.index("--port") + 1] == "8001"
     assert services["worker"]["environment"]["TOKENBUS_WORKER_METRICS_HOST"] == "0.0.0.0"
     assert services["audit"]["environment"]["TOKENBUS_AUDIT_METRICS_HOST"] == "0.0.0.0"
+    assert services["guard"]["environment"]["TOKENBUS_GUARD_METRICS_HOST"] == "0.0.0.0"
 
 
 class _Status(http.server.BaseHTTPRequestHandler):
@@ -433,7 +435,8 @@ def test_compose_builds_the_slim_image_for_all_but_the_worker(compose: dict[str,
     for name, service in compose["services"].items():
         if service.get("command", [""])[0] != "tokenbus":
             continue
-        target = "worker" if name == "worker" else "slim"
+        # The guard's semantic check runs a model on torch: the worker's image.
+        target = "worker" if name in ("worker", "guard") else "slim"
         assert service["build"]["target"] == target, name
     assert compose["services"]["worker"]["image"] != compose["services"]["relay"]["image"]
     # The worker's cache volume is the unprivileged user's, made in the image.

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from consumers.analytics.metrics import AnalyticsMetrics
 from consumers.audit.ingest import AuditStats
 from consumers.audit.metrics import AuditCollector, audit_lag
+from consumers.guard.metrics import GuardMetrics
 from relay.hub import StreamHub
 from tokenbus.bus.settings import KafkaSettings, ServerSettings
 from tokenbus.edge.app import _RelayCollector
@@ -45,7 +46,7 @@ _METRIC = re.compile(r"\b(tokenbus_[a-z0-9_]+)")
 
 def exported_names(smollm: LoadedModel) -> dict[str, str]:
     """Every series name the code exports -> its family name, from the collectors
-    each process serves (the relay's, a worker's, the audit's, analytics')."""
+    each process serves (the relay's, a worker's, the audit's, analytics', the guard's)."""
     collectors: list[Collector] = [
         _RelayCollector(StreamHub(kafka=KafkaSettings(), settings=ServerSettings())),
         HttpMetrics(),
@@ -58,7 +59,7 @@ def exported_names(smollm: LoadedModel) -> dict[str, str]:
     for collector in collectors:
         registry.register(collector)
     names = {}
-    for source in (registry, AnalyticsMetrics().registry):
+    for source in (registry, AnalyticsMetrics().registry, GuardMetrics().registry):
         for family in source.collect():
             for suffix in _SUFFIXES[family.type]:
                 names[family.name + suffix] = family.name
@@ -139,6 +140,7 @@ def test_prometheus_scrapes_the_ports_compose_serves_metrics_on() -> None:
     assert ports["audit"] == {int(compose["audit"]["environment"]["TOKENBUS_AUDIT_METRICS_PORT"])}
     assert ports["relay"] == {_port_flag(compose["relay"]["command"])}
     assert ports["analytics"] == {_port_flag(compose["analytics"]["command"])}
+    assert ports["guard"] == {int(compose["guard"]["environment"]["TOKENBUS_GUARD_METRICS_PORT"])}
     assert config["rule_files"] == ["alerts.yml"]  # beside it, in /etc/prometheus
     # The relay's metrics key: where compose's prometheus service writes it.
     (relay,) = (job for job in config["scrape_configs"] if job["job_name"] == "relay")

@@ -116,6 +116,7 @@ def test_topics_with_prefix() -> None:
         "x.tokenbus.control",
         "x.tokenbus.dead-letter",
         "x.tokenbus.audit-checkpoints",
+        "x.tokenbus.verdicts",
     )
 
 

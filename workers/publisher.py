@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaProducer
 
 from schemas import (
+    ContentFilter,
     ErrorCode,
     FailedEvent,
     FinishedEvent,
@@ -60,10 +61,18 @@ class EventStream:
     async def token(self, text: str, token_ids: list[int], logprob: float | None) -> None:
         await self._publish(TokenEvent, {"text": text, "token_ids": token_ids, "logprob": logprob})
 
-    async def finished(self, reason: FinishReason, usage: Usage, timings: Timings) -> None:
-        event = await self._publish(
-            FinishedEvent, {"finish_reason": reason, "usage": usage, "timings": timings}
-        )
+    async def finished(
+        self,
+        reason: FinishReason,
+        usage: Usage,
+        timings: Timings,
+        *,
+        content_filter: ContentFilter | None = None,
+    ) -> None:
+        fields = {"finish_reason": reason, "usage": usage, "timings": timings}
+        if content_filter is not None:
+            fields["content_filter"] = content_filter
+        event = await self._publish(FinishedEvent, fields)
         await self.flush()
         self.terminal = event
 

@@ -3,6 +3,9 @@
 Two tasks share one consumer in the ``tokenbus-workers`` group:
 
     cancels      every Cancel on tokenbus.control (see control.py)
+    verdicts     every guard verdict on tokenbus.verdicts (tokenbus.bus.verdicts):
+                 a moderated stream the guard flags stops within a decode step
+                 and ends `finished` with finish_reason content_filter
     fetch loop   getmany() on tokenbus.requests -> decode -> bounded queue
                  (partitions paused while the queue is full, so polling never
                  stops and a long generation never triggers a rebalance)
@@ -36,11 +39,13 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from schemas import (
+    ContentFilter,
     ErrorCode,
     FinishedEvent,
     FinishReason,
     GenerationRequest,
     MalformedMessage,
+    ModerationMode,
     Timings,
     Usage,
     decode_request,
@@ -52,6 +57,7 @@ from schemas.requests import ANY_MODEL
 from tokenbus.bus.kafka import start_producer, stop_all
 from tokenbus.bus.log import LogReader
 from tokenbus.bus.settings import KafkaSettings, WorkerSettings
+from tokenbus.bus.verdicts import VerdictTail
 
 from .control import CancelWatcher
 from .engine import GenerationEngine, PromptError
@@ -96,6 +102,10 @@ class Worker:
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._offsets = OffsetTracker()
         self._cancels = CancelWatcher(kafka)
+        # Verdicts rather than a Cancel from the guard: the verdict is the audited
+        # record of why a stream was cut, one message that cannot disagree with a
+        # second one, and the fencing of a stale guard applies to it (VerdictView).
+        self._verdicts = VerdictTail(kafka)
         self._takeover = Takeover(LogReader(kafka=kafka))
         self._ownership = Ownership()
         self.ready = asyncio.Event()  # set once the consumer has its partitions
@@ -129,6 +139,7 @@ class Worker:
             )
             async with self._engine, asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._cancels.run())
+                tasks.create_task(self._verdicts.run())
                 tasks.create_task(self._fetch_loop(self._consumer))
                 tasks.create_task(self._serve_loop(self._consumer, self._producer))
         finally:
@@ -146,7 +157,7 @@ class Worker:
             else:
                 consumer.resume(*assigned)
             batches = await consumer.getmany(timeout_ms=200, max_records=max(room, 1))
-            if assigned and self._cancels.caught_up.is_set():
+            if assigned and self._cancels.caught_up.is_set() and self._verdicts.caught_up.is_set():
                 self.ready.set()
             for tp, records in batches.items():
                 for record in records:
@@ -200,6 +211,7 @@ class Worker:
 
     async def _serve_loop(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
         await self._cancels.caught_up.wait()  # know every earlier cancel before serving
+        await self._verdicts.caught_up.wait()  # and every verdict (a flagged stream taken over)
         # As many requests in flight as the engine batches; the fetch loop keeps
         # max_queued more ready, so a finished one is replaced without a fetch.
         slots = asyncio.Semaphore(self._settings.max_batch)
@@ -284,6 +296,8 @@ class Worker:
                 model_revision=self._model.revision,
                 prompt_tokens=len(prompt_ids),
                 queue_wait_ms=max(_ms_since(request.submitted_at), 0.0),
+                tenant=request.tenant,
+                moderation=request.moderation or ModerationMode.OFF,
             )
             if is_terminal(claimed.events[-1]):
                 return
@@ -323,7 +337,13 @@ class Worker:
         revoked: Callable[[], bool],
     ) -> None:
         rid = request.request_id
-        should_stop = lambda: self._cancels.cancelled(rid) is not None  # noqa: E731
+
+        def flagged() -> ContentFilter | None:
+            return self._flagged(request)
+
+        def should_stop() -> bool:
+            return self._cancels.cancelled(rid) is not None or flagged() is not None
+
         steps = steps_after(claimed, self._engine, request, prompt_ids, should_stop)
         ttft_ms: float | None = None  # this attempt's; unknown when it took over mid-stream
         completion = len(claimed.token_ids)
@@ -341,11 +361,28 @@ class Worker:
                     completion += len(step.token_ids)
                     await stream.token(step.text, step.token_ids, step.logprob)
                 if step.finish_reason is not None:
+                    reason, why = step.finish_reason, None
+                    if reason is FinishReason.CANCELLED and (why := flagged()) is not None:
+                        reason = FinishReason.CONTENT_FILTER
+                        log.info("stopping %s: the guard flagged %s (%s) at seq %d",
+                                 rid, why.category, why.policy, why.seq)  # fmt: skip
                     await stream.finished(
-                        step.finish_reason,
+                        reason,
                         Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion),
                         Timings(ttft_ms=ttft_ms, total_ms=(time.perf_counter() - picked_up) * 1000),
+                        content_filter=why,
                     )
+
+    def _flagged(self, request: GenerationRequest) -> ContentFilter | None:
+        """The guard's first violation in a moderated request's stream, if any."""
+        if request.moderation in (None, ModerationMode.OFF):
+            return None
+        view = self._verdicts.view(request.request_id)
+        first = view.flagged if view is not None else None
+        if first is None:
+            return None
+        return ContentFilter(category=first.category, policy=first.policy,
+                             policy_version=first.policy_version, seq=first.seq)  # fmt: skip
 
     async def _commit(self, tp: TopicPartition, term: int, offset: int) -> None:
         if self._offsets.finished(tp, offset) is None:

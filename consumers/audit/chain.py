@@ -6,9 +6,14 @@ from `GENESIS`. The canonical bytes hold only what came from the log (the reques
 id, the seq and the message value exactly as the broker delivered it), never an
 ingest time, so a store rebuilt from the same log has the same hashes.
 
+The guard's verdicts on a request (``tokenbus.verdicts``) are a second chain of the
+request, in log order: ``H(previous verdict hash || n || value)`` from `GENESIS`.
+
 A checkpoint commits to what changed since the previous one: the sorted list of
 `Leaf` (request id, request digest, record count, chain head) of every request
-written to since, plus the previous checkpoint's hash. Folding the chain of
+written to since, then, if any verdict was, the sorted `VerdictLeaf` (request id,
+verdict count, verdict chain head) of each (a checkpoint without verdicts has the
+digest it had before verdicts existed), plus the previous checkpoint's hash. Folding the chain of
 checkpoints gives the committed state of every request, so a deleted request, a
 cut tail or an edited record no longer matches it.
 """
@@ -28,6 +33,8 @@ NO_REQUEST = bytes(DIGEST_SIZE)  # a leaf's request digest while no request mess
 _EVENT = b"tokenbus.audit.event.v1\x00"
 _REQUEST = b"tokenbus.audit.request.v1\x00"
 _DELTA = b"tokenbus.audit.delta.v1\x00"
+_VERDICT = b"tokenbus.audit.verdict.v1\x00"
+_VERDICT_DELTA = b"tokenbus.audit.verdict-delta.v1\x00"
 _CHECKPOINT = b"tokenbus.audit.checkpoint.v1\x00"
 
 
@@ -35,6 +42,13 @@ def event_hash(previous: bytes, request_id: uuid.UUID, seq: int, value: bytes) -
     """The chain hash of one token-topic record (``value``: the Kafka value bytes)."""
     return hashlib.sha256(
         b"".join((_EVENT, previous, request_id.bytes, seq.to_bytes(8, "big"), value))
+    ).digest()
+
+
+def verdict_hash(previous: bytes, request_id: uuid.UUID, n: int, value: bytes) -> bytes:
+    """The chain hash of the request's ``n``-th verdict (0, 1, 2 ... in log order)."""
+    return hashlib.sha256(
+        b"".join((_VERDICT, previous, request_id.bytes, n.to_bytes(8, "big"), value))
     ).digest()
 
 
@@ -62,10 +76,27 @@ class Leaf:
         )
 
 
-def delta_digest(leaves: Iterable[Leaf]) -> bytes:
+@dataclass(frozen=True, slots=True)
+class VerdictLeaf:
+    """What a checkpoint commits to of one request's verdicts."""
+
+    request_id: uuid.UUID
+    count: int  # verdicts 0 .. count - 1
+    head: bytes
+
+    def encode(self) -> bytes:
+        return self.request_id.bytes + struct.pack(">Q", self.count) + self.head
+
+
+def delta_digest(leaves: Iterable[Leaf], verdict_leaves: Iterable[VerdictLeaf] = ()) -> bytes:
     h = hashlib.sha256(_DELTA)
     for leaf in sorted(leaves, key=lambda leaf: leaf.request_id.bytes):
         h.update(leaf.encode())
+    verdicts = sorted(verdict_leaves, key=lambda leaf: leaf.request_id.bytes)
+    if verdicts:
+        h.update(_VERDICT_DELTA)
+        for verdict in verdicts:
+            h.update(verdict.encode())
     return h.digest()
 
 

@@ -53,19 +53,20 @@ class Checkpointer:
         self._pending = 0
         self._since = time.monotonic()
         leaves = self._store.dirty_leaves()
-        if not leaves:
+        verdict_leaves = self._store.dirty_verdict_leaves()
+        if not leaves and not verdict_leaves:
             return None
         last = self._store.last_checkpoint()
         records, requests = self._store.totals()
         body = CheckpointBody(
             number=last.body.number + 1 if last else 1,
             previous=last.hash if last else GENESIS,
-            delta=delta_digest(leaves),
+            delta=delta_digest(leaves, verdict_leaves),
             records=records,
             requests=requests,
             created_ms=time.time_ns() // 1_000_000,
         )
         digest = body.hash()
         checkpoint = Checkpoint(body, digest, self._key.sign(digest), self._public)
-        self._store.add_checkpoint(checkpoint, leaves)
+        self._store.add_checkpoint(checkpoint, leaves, verdict_leaves)
         return checkpoint

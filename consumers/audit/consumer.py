@@ -1,12 +1,12 @@
 """The audit consumer: every request and every event, into the store, exactly once.
 
-It reads every partition of ``tokenbus.requests`` and ``tokenbus.tokens`` (one
-audit instance: the checkpoint chain is linear), from the positions the store
-holds. Each fetch becomes one transaction with its records, the streams' fencing
-state and the offsets after it, so killing it anywhere and starting it again
-neither duplicates nor loses a record. Offsets are also committed to the
-consumer group ``group_id``, best effort, for lag monitoring only; the store is
-what it resumes from.
+It reads every partition of ``tokenbus.requests``, ``tokenbus.tokens`` and
+``tokenbus.verdicts`` (one audit instance: the checkpoint chain is linear), from
+the positions the store holds. Each fetch becomes one transaction with its
+records, the streams' fencing state and the offsets after it, so killing it
+anywhere and starting it again neither duplicates nor loses a record. Offsets
+are also committed to the consumer group ``group_id``, best effort, for lag
+monitoring only; the store is what it resumes from.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tokenbus.bus.restarts import LogRestarts
 from tokenbus.bus.settings import AuditSettings, KafkaSettings
 
 from .checkpoints import Checkpointer
-from .ingest import AuditStats, Ingest, StreamStates
+from .ingest import AuditStats, Ingest, StreamStates, VerdictChains
 from .keys import public_key_hex
 from .metrics import audit_lag
 from .records import Position
@@ -81,6 +81,7 @@ class AuditConsumer:
             states=StreamStates(load=store.streams, capacity=settings.state_cache),
             stats=self.stats,
             cluster=kafka.bootstrap,
+            verdicts=VerdictChains.of(store, capacity=settings.state_cache),
         )
         self._checkpointer = Checkpointer(
             store=store,
@@ -125,6 +126,7 @@ class AuditConsumer:
             assigned = [
                 *await partitions_of(consumer, topics.requests),
                 *await partitions_of(consumer, topics.tokens),
+                *await partitions_of(consumer, topics.verdicts),
             ]
             consumer.assign(assigned)
             stored = await _blocking(
@@ -184,7 +186,7 @@ class AuditConsumer:
         batch = self._ingest.build(records)
         self._store.write(batch)
         self._ingest.committed(batch)
-        self._checkpointer.written(len(batch.events) + len(batch.requests))
+        self._checkpointer.written(len(batch.events) + len(batch.requests) + len(batch.verdicts))
         self.positions.update(batch.positions)
 
     def _stored_through(self, tp: TopicPartition) -> int | None:

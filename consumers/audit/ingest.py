@@ -1,5 +1,11 @@
 """Turning fetched Kafka records into a store `Batch`: decode, fence, chain.
 
+Verdicts (``tokenbus.verdicts``) are chained per request in log order, every one
+the log holds: which of them count is the readers' fencing rule
+(`schemas.VerdictView`), applied when they are shown, not a reason to leave one out
+of the record. A verdict read twice (the same bytes: a producer's retry, or the
+log read again) is stored once.
+
 Pure and synchronous (the consumer runs it in a thread next to the store write),
 so tests and the benchmark drive it without a broker.
 """
@@ -7,6 +13,7 @@ so tests and the benchmark drive it without a broker.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import uuid
 from collections import Counter, OrderedDict
@@ -23,12 +30,14 @@ from schemas import (
     StreamView,
     TokenEvent,
     Topics,
+    Verdict,
     decode_event,
     decode_request,
+    decode_verdict,
 )
 
-from .chain import NO_REQUEST, event_hash, request_digest
-from .records import Batch, EventRecord, RequestRecord, StreamState
+from .chain import NO_REQUEST, event_hash, request_digest, verdict_hash
+from .records import Batch, EventRecord, RequestRecord, StreamState, VerdictChain, VerdictRecord
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,8 @@ class AuditStats:
     gaps: int = 0  # events past the next seq (never in a log the workers wrote)
     malformed: Counter[str] = field(default_factory=Counter)  # by topic
     checkpoints: int = 0
+    verdicts: int = 0
+    verdict_duplicates: int = 0  # the same verdict read again
 
 
 Lookup = Callable[[Collection[uuid.UUID]], Mapping[uuid.UUID, StreamState]]
@@ -93,11 +104,75 @@ class StreamStates:
             self._cache.popitem(last=False)
 
 
+class VerdictSource(Protocol):
+    def verdict_chains(
+        self, request_ids: Collection[uuid.UUID]
+    ) -> Mapping[uuid.UUID, VerdictChain]: ...
+    def verdict_digests(
+        self, request_ids: Collection[uuid.UUID]
+    ) -> set[tuple[uuid.UUID, bytes]]: ...
+
+
+class VerdictChains:
+    """The verdict chains of recently seen requests and the digests of their verdicts,
+    in front of the store (an LRU, as `StreamStates`)."""
+
+    def __init__(
+        self,
+        *,
+        load: Callable[[Collection[uuid.UUID]], Mapping[uuid.UUID, VerdictChain]],
+        load_digests: Callable[[Collection[uuid.UUID]], set[tuple[uuid.UUID, bytes]]],
+        capacity: int = 100_000,
+    ) -> None:
+        self._load = load
+        self._load_digests = load_digests  # VerdictChains.of(store) passes the store's
+        self._capacity = capacity
+        self._cache: OrderedDict[uuid.UUID, tuple[VerdictChain, frozenset[bytes]]] = OrderedDict()
+
+    @classmethod
+    def of(cls, store: VerdictSource, capacity: int = 100_000) -> VerdictChains:
+        return cls(load=store.verdict_chains, load_digests=store.verdict_digests,
+                   capacity=capacity)  # fmt: skip
+
+    def get_many(
+        self, request_ids: Iterable[uuid.UUID]
+    ) -> dict[uuid.UUID, tuple[VerdictChain, frozenset[bytes]]]:
+        wanted = set(request_ids)
+        missing = wanted - self._cache.keys()
+        chains = dict(self._load(missing)) if missing else {}
+        digests: dict[uuid.UUID, set[bytes]] = {}
+        for rid, digest in self._load_digests(missing) if missing else ():
+            digests.setdefault(rid, set()).add(digest)
+        found = {}
+        for rid in wanted:
+            cached = self._cache.get(rid)
+            if cached is None:
+                chain = chains.get(rid) or VerdictChain(rid)
+                cached = (chain, frozenset(digests.get(rid, ())))
+            found[rid] = cached
+        return found
+
+    def update(self, chains: Iterable[tuple[VerdictChain, frozenset[bytes]]]) -> None:
+        for chain, digests in chains:
+            self._cache[chain.request_id] = (chain, digests)
+            self._cache.move_to_end(chain.request_id)
+        while len(self._cache) > self._capacity:
+            self._cache.popitem(last=False)
+
+
 class Ingest:
     def __init__(
-        self, *, topics: Topics, states: StreamStates, stats: AuditStats, cluster: str = ""
+        self,
+        *,
+        topics: Topics,
+        states: StreamStates,
+        stats: AuditStats,
+        verdicts: VerdictChains,
+        cluster: str = "",
     ) -> None:
         self._topics = topics
+        self._verdicts = verdicts
+        self._verdict_digests: dict[uuid.UUID, frozenset[bytes]] = {}
         self._cluster = cluster
         self._gap_reported: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._states = states
@@ -110,11 +185,16 @@ class Ingest:
         write leaves the cached states as the store has them."""
         batch = Batch(cluster=self._cluster)
         decoded: list[tuple[Record, GenerationRequest | Event]] = []
+        verdicts: list[tuple[Record, Verdict]] = []
         for record in records:
             batch.positions[(record.topic, record.partition)] = record.offset + 1
             message = self._decode(record)
-            if message is not None:
+            if isinstance(message, Verdict):
+                verdicts.append((record, message))
+            elif message is not None:
                 decoded.append((record, message))
+        if verdicts:
+            self._chain_verdicts(batch, verdicts)
         before = self._states.get_many({message.request_id for _, message in decoded})
         for record, message in decoded:
             state = batch.streams.get(message.request_id)
@@ -128,13 +208,43 @@ class Ingest:
 
     def committed(self, batch: Batch) -> None:
         self._states.update(batch.streams.values())
+        self._verdicts.update(
+            (chain, self._verdict_digests.pop(rid)) for rid, chain in batch.verdict_chains.items()
+        )
+        self._verdict_digests.clear()
         self.stats.requests += len(batch.requests)
         self.stats.events += len(batch.events)
+        self.stats.verdicts += len(batch.verdicts)
 
-    def _decode(self, record: Record) -> GenerationRequest | Event | None:
+    def _chain_verdicts(self, batch: Batch, verdicts: list[tuple[Record, Verdict]]) -> None:
+        self._verdict_digests.clear()
+        before = self._verdicts.get_many({verdict.request_id for _, verdict in verdicts})
+        for record, verdict in verdicts:
+            rid = verdict.request_id
+            chain = batch.verdict_chains.get(rid)
+            if chain is None:
+                chain = dataclasses.replace(before[rid][0])
+                self._verdict_digests[rid] = before[rid][1]
+            value = record.value or b""
+            digest = hashlib.sha256(value).digest()
+            if digest in self._verdict_digests[rid]:
+                self.stats.verdict_duplicates += 1
+                continue
+            self._verdict_digests[rid] |= {digest}
+            chain.head = verdict_hash(chain.head, rid, chain.count, value)
+            batch.verdicts.append(
+                VerdictRecord(rid, chain.count, value, chain.head, digest, record.partition,
+                              record.offset)
+            )  # fmt: skip
+            chain.count += 1
+            batch.verdict_chains[rid] = chain
+
+    def _decode(self, record: Record) -> GenerationRequest | Event | Verdict | None:
         try:
             if record.topic == self._topics.requests:
                 return decode_request(record.value)
+            if record.topic == self._topics.verdicts:
+                return decode_verdict(record.value)
             return decode_event(record.value)
         except MalformedMessage as exc:
             self.stats.malformed[record.topic] += 1

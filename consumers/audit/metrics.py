@@ -25,6 +25,7 @@ class AuditCollector(Collector):
         )
         stored.add_metric(["request"], stats.requests)
         stored.add_metric(["event"], stats.events)
+        stored.add_metric(["verdict"], stats.verdicts)
         yield stored
         skipped = CounterMetricFamily(
             "tokenbus_audit_events_not_stored",
@@ -49,7 +50,8 @@ class AuditCollector(Collector):
 def audit_lag() -> PartitionLag:
     return PartitionLag(
         "tokenbus_audit_lag_records",
-        "Records of tokenbus.requests and tokenbus.tokens not yet in the audit store: "
+        "Records of tokenbus.requests, tokenbus.tokens and tokenbus.verdicts not yet in "
+        "the audit store: "
         "log end minus the store's position",
     )
 

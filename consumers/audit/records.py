@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .chain import GENESIS, NO_REQUEST, CheckpointBody, Leaf
+from .chain import GENESIS, NO_REQUEST, CheckpointBody, Leaf, VerdictLeaf
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,31 @@ class EventRecord(NamedTuple):
     offset: int
 
 
+class VerdictRecord(NamedTuple):
+    """A message of ``tokenbus.verdicts``: the request's ``n``-th verdict, every one
+    the log holds (a stale guard's too: readers fence them, `schemas.VerdictView`)."""
+
+    request_id: uuid.UUID
+    n: int
+    value: bytes
+    hash: bytes  # chain.verdict_hash(previous verdict's hash, request_id, n, value)
+    digest: bytes  # sha256 of value: a verdict read twice is recognised by it
+    partition: int
+    offset: int
+
+
+@dataclass(slots=True)
+class VerdictChain:
+    """Where a request's verdict chain stands."""
+
+    request_id: uuid.UUID
+    count: int = 0
+    head: bytes = GENESIS
+
+    def leaf(self) -> VerdictLeaf:
+        return VerdictLeaf(self.request_id, self.count, self.head)
+
+
 @dataclass(slots=True)
 class StreamState:
     """Where a request's chain stands: the fencing state (`schemas.StreamView`'s
@@ -63,6 +88,8 @@ class Batch:
     requests: list[RequestRecord] = field(default_factory=list)
     events: list[EventRecord] = field(default_factory=list)
     streams: dict[uuid.UUID, StreamState] = field(default_factory=dict)  # changed ones
+    verdicts: list[VerdictRecord] = field(default_factory=list)
+    verdict_chains: dict[uuid.UUID, VerdictChain] = field(default_factory=dict)  # changed ones
     positions: dict[Position, int] = field(default_factory=dict)  # next offset to read
 
 

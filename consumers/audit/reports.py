@@ -16,8 +16,10 @@ from schemas import (
     MalformedMessage,
     StartedEvent,
     TokenEvent,
+    VerdictView,
     decode_event,
     decode_request,
+    decode_verdict,
     is_terminal,
 )
 
@@ -84,9 +86,44 @@ def account(store: AuditStore, request_id: uuid.UUID) -> dict[str, Any] | None:
             "offset_ms": (event.ts - start).total_seconds() * 1000 if start else 0.0,
             "text": event.text if isinstance(event, TokenEvent) else None,
         })  # fmt: skip
+        if isinstance(event, FinishedEvent) and event.content_filter is not None:
+            found["outcome"]["content_filter"] = event.content_filter.model_dump(mode="json")
     if decoded and not is_terminal(decoded[-1]):
         found["outcome"] = None
+    found["moderation"] = _moderation(store, request_id, found["text"])
     return found
+
+
+def _moderation(store: AuditStore, request_id: uuid.UUID, text: str) -> dict[str, Any] | None:
+    """The guard's verdicts on the request, folded by the readers' fencing rule."""
+    records = store.verdicts(request_id)
+    if not records:
+        return None
+    view = VerdictView()
+    fenced, guards, problems = 0, set(), []
+    for record in records:
+        try:
+            verdict = decode_verdict(record.value)
+        except MalformedMessage as exc:  # only a tampered store holds one
+            problems.append(f"verdict {record.n} does not decode ({exc}): run verify")
+            continue
+        guards.add((verdict.guard, verdict.epoch))
+        if not view.accept(verdict):
+            fenced += 1
+    return {
+        "mode": view.mode.value if view.mode is not None else None,
+        "judged_through": view.judged_through,
+        "final": view.final,
+        "verdicts": len(records),
+        "fenced": fenced,  # a stale guard's, not counted
+        "guards": [{"guard": g, "epoch": e} for g, e in sorted(guards)],
+        "violations": [
+            v.model_dump(mode="json") | {"text": text[v.span[0] : v.span[1]]}
+            for v in view.violations
+        ],
+        "problems": problems,
+        "chain_head": records[-1].hash.hex(),
+    }
 
 
 def show(store: AuditStore, request_id: uuid.UUID) -> str | None:
@@ -124,6 +161,11 @@ def show(store: AuditStore, request_id: uuid.UUID) -> str | None:
         )
     else:
         lines.append(f"failed     {outcome['code']}: {outcome['message']}")
+    if outcome is not None and outcome.get("content_filter"):
+        cut = outcome["content_filter"]
+        lines.append(f"           cut by the guard: {cut['category']} ({cut['policy']}, "
+                     f"policy version {cut['policy_version']}) at seq {cut['seq']}")  # fmt: skip
+    lines += _moderation_lines(found["moderation"])
     lines.append(f"text       {found['text']!r}")
     lines.append("events     seq  +ms      type      text")
     for event in found["events"]:
@@ -136,6 +178,27 @@ def show(store: AuditStore, request_id: uuid.UUID) -> str | None:
     return "\n".join(lines)
 
 
+def _moderation_lines(moderation: dict[str, Any] | None) -> list[str]:
+    if moderation is None:
+        return ["guard      no verdicts"]
+    final = ", final" if moderation["final"] else ""
+    stale = moderation["fenced"]
+    fenced = f" ({stale} from a stale guard, not counted)" if stale else ""
+    lines = [
+        f"guard      mode {moderation['mode']}: judged through seq "
+        f"{moderation['judged_through']}{final}; {moderation['verdicts']} verdicts{fenced}"
+    ]
+    for v in moderation["violations"]:
+        lines.append(
+            f"violation  seq {v['seq']}..{v['end_seq']} {v['category']} ({v['policy']}, "
+            f"policy version {v['policy_version']}): chars {v['span'][0]}..{v['span'][1]} "
+            f"{v['text']!r}"
+        )
+    lines += [f"verdict    {problem}" for problem in moderation["problems"]]
+    lines.append(f"verdicts   chain head {moderation['chain_head']}")
+    return lines
+
+
 def _compact(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -143,8 +206,9 @@ def _compact(value: Any) -> str:
 def export_jsonl(
     store: AuditStore, *, since: datetime | None = None, until: datetime | None = None
 ) -> Iterator[str]:
-    """One JSON line per record, the request first, then its events by seq; each with
-    its hash and the message exactly as logged (``message``)."""
+    """One JSON line per record, the request first, then its events by seq, then the
+    guard's verdicts on it in log order (``seq``: the verdict's number); each with its
+    hash and the message exactly as logged (``message``)."""
     since_ms = int(since.timestamp() * 1000) if since else 0
     until_ms = int(until.timestamp() * 1000) if until else None
     for request_id in store.request_ids(since_ms=since_ms, until_ms=until_ms):
@@ -155,6 +219,9 @@ def export_jsonl(
         for event in store.events(request_id):
             yield _line(kind="event", request_id=str(request_id), seq=event.seq,
                         hash=event.hash.hex(), message=_json(event.value))  # fmt: skip
+        for verdict in store.verdicts(request_id):
+            yield _line(kind="verdict", request_id=str(request_id), seq=verdict.n,
+                        hash=verdict.hash.hex(), message=_json(verdict.value))  # fmt: skip
 
 
 def _json(value: bytes) -> Any:

@@ -20,8 +20,17 @@ from collections.abc import Collection, Sequence
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar
 
-from .chain import CheckpointBody, Leaf
-from .records import Batch, Checkpoint, EventRecord, Position, RequestRecord, StreamState
+from .chain import CheckpointBody, Leaf, VerdictLeaf
+from .records import (
+    Batch,
+    Checkpoint,
+    EventRecord,
+    Position,
+    RequestRecord,
+    StreamState,
+    VerdictChain,
+    VerdictRecord,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_requests (
@@ -72,6 +81,30 @@ CREATE TABLE IF NOT EXISTS audit_checkpoints (
     signature {blob} NOT NULL,
     public_key {blob} NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit_verdicts (
+    request_id TEXT NOT NULL,
+    n BIGINT NOT NULL,
+    value {blob} NOT NULL,
+    hash {blob} NOT NULL,
+    digest {blob} NOT NULL,
+    kafka_partition INTEGER NOT NULL,
+    kafka_offset BIGINT NOT NULL,
+    PRIMARY KEY (request_id, n)
+);
+CREATE TABLE IF NOT EXISTS audit_verdict_chains (
+    request_id TEXT PRIMARY KEY,
+    count BIGINT NOT NULL,
+    head {blob} NOT NULL,
+    dirty INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_verdict_chains_dirty ON audit_verdict_chains (dirty);
+CREATE TABLE IF NOT EXISTS audit_checkpoint_verdict_leaves (
+    number BIGINT NOT NULL,
+    request_id TEXT NOT NULL,
+    count BIGINT NOT NULL,
+    head {blob} NOT NULL,
+    PRIMARY KEY (number, request_id)
+);
 CREATE TABLE IF NOT EXISTS audit_checkpoint_leaves (
     number BIGINT NOT NULL,
     request_id TEXT NOT NULL,
@@ -86,10 +119,12 @@ CREATE TABLE IF NOT EXISTS audit_checkpoint_leaves (
 # no mistake (or tool run against the wrong store) rewrites history. (Someone who
 # owns the database can drop these triggers: that is what the hashes are for.)
 APPEND_ONLY_TABLES = (
-    "audit_requests", "audit_events", "audit_checkpoints", "audit_checkpoint_leaves"
+    "audit_requests", "audit_events", "audit_checkpoints", "audit_checkpoint_leaves",
+    "audit_verdicts", "audit_checkpoint_verdict_leaves",
 )  # fmt: skip
 
 _EVENT_COLUMNS = "request_id, seq, attempt, type, value, hash, kafka_partition, kafka_offset"
+_VERDICT_COLUMNS = "request_id, n, value, hash, digest, kafka_partition, kafka_offset"
 _CHECKPOINT_COLUMNS = (
     "number, previous, delta, records, requests, created_ms, hash, signature, public_key"
 )
@@ -183,6 +218,36 @@ class AuditStore(abc.ABC):
                 found[rid] = StreamState(rid, _as_bytes(digest), attempt, next_seq, _as_bytes(head))
         return found
 
+    def verdict_chains(self, request_ids: Collection[uuid.UUID]) -> dict[uuid.UUID, VerdictChain]:
+        found: dict[uuid.UUID, VerdictChain] = {}
+        ids = [str(r) for r in request_ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._query(
+                f"SELECT request_id, count, head FROM audit_verdict_chains"
+                f" WHERE request_id IN ({marks})",
+                chunk,
+            )
+            for request_id, count, head in rows:
+                rid = uuid.UUID(request_id)
+                found[rid] = VerdictChain(rid, count, _as_bytes(head))
+        return found
+
+    def verdict_digests(self, request_ids: Collection[uuid.UUID]) -> set[tuple[uuid.UUID, bytes]]:
+        """(request id, digest) of every verdict held of these requests."""
+        found: set[tuple[uuid.UUID, bytes]] = set()
+        ids = [str(r) for r in request_ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._query(
+                f"SELECT request_id, digest FROM audit_verdicts WHERE request_id IN ({marks})",
+                chunk,
+            )
+            found.update((uuid.UUID(r), _as_bytes(d)) for r, d in rows)
+        return found
+
     def write(self, batch: Batch) -> None:
         """The batch's records, stream states and positions, all or nothing."""
         with self._transaction():
@@ -220,6 +285,22 @@ class AuditStore(abc.ABC):
                         for s in batch.streams.values()
                     ],
                 )  # fmt: skip
+            if batch.verdicts:
+                self._insert_many(
+                    "audit_verdicts",
+                    _VERDICT_COLUMNS,
+                    [
+                        (str(v.request_id), v.n, v.value, v.hash, v.digest, v.partition, v.offset)
+                        for v in batch.verdicts
+                    ],
+                )
+            if batch.verdict_chains:
+                self._execute_many(
+                    "INSERT INTO audit_verdict_chains (request_id, count, head, dirty)"
+                    " VALUES (?, ?, ?, 1) ON CONFLICT (request_id) DO UPDATE SET"
+                    " count = excluded.count, head = excluded.head, dirty = 1",
+                    [(str(c.request_id), c.count, c.head) for c in batch.verdict_chains.values()],
+                )
             self._execute_many(
                 "INSERT INTO audit_offsets (cluster, topic, kafka_partition, next_offset)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT (cluster, topic, kafka_partition) DO UPDATE"
@@ -237,6 +318,13 @@ class AuditStore(abc.ABC):
         )
         return [Leaf(uuid.UUID(r), _as_bytes(d), n, _as_bytes(h)) for r, d, n, h in rows]
 
+    def dirty_verdict_leaves(self) -> list[VerdictLeaf]:
+        """The requests whose verdicts changed since the last checkpoint."""
+        rows = self._query(
+            "SELECT request_id, count, head FROM audit_verdict_chains WHERE dirty = 1"
+        )
+        return [VerdictLeaf(uuid.UUID(r), n, _as_bytes(h)) for r, n, h in rows]
+
     def totals(self) -> tuple[int, int]:
         """(event records, requests) held."""
         [(records, requests)] = self._query(
@@ -244,7 +332,12 @@ class AuditStore(abc.ABC):
         )
         return int(records), int(requests)
 
-    def add_checkpoint(self, checkpoint: Checkpoint, leaves: Sequence[Leaf]) -> None:
+    def add_checkpoint(
+        self,
+        checkpoint: Checkpoint,
+        leaves: Sequence[Leaf],
+        verdict_leaves: Sequence[VerdictLeaf] = (),
+    ) -> None:
         """Store a checkpoint with the leaves it commits to, and mark them clean."""
         body = checkpoint.body
         with self._transaction():
@@ -267,6 +360,16 @@ class AuditStore(abc.ABC):
                 " AND request_digest = ?",
                 [(str(x.request_id), x.count, x.request_digest) for x in leaves],
             )
+            if verdict_leaves:
+                self._execute_many(
+                    "INSERT INTO audit_checkpoint_verdict_leaves (number, request_id, count, head)"
+                    " VALUES (?, ?, ?, ?)",
+                    [(body.number, str(x.request_id), x.count, x.head) for x in verdict_leaves],
+                )
+                self._execute_many(
+                    "UPDATE audit_verdict_chains SET dirty = 0 WHERE request_id = ? AND count = ?",
+                    [(str(x.request_id), x.count) for x in verdict_leaves],
+                )
 
     # -- the tools' side -----------------------------------------------------------
 
@@ -288,13 +391,22 @@ class AuditStore(abc.ABC):
         )
         return [Leaf(uuid.UUID(r), _as_bytes(d), n, _as_bytes(h)) for r, d, n, h in rows]
 
-    def checkpoints_naming(self, request_id: uuid.UUID) -> list[int]:
-        """The numbers of the checkpoints that commit to this request."""
+    def checkpoint_verdict_leaves(self, number: int) -> list[VerdictLeaf]:
         rows = self._query(
-            "SELECT number FROM audit_checkpoint_leaves WHERE request_id = ? ORDER BY number",
-            (str(request_id),),
+            "SELECT request_id, count, head FROM audit_checkpoint_verdict_leaves WHERE number = ?",
+            (number,),
         )
-        return [number for (number,) in rows]
+        return [VerdictLeaf(uuid.UUID(r), n, _as_bytes(h)) for r, n, h in rows]
+
+    def checkpoints_naming(self, request_id: uuid.UUID) -> list[int]:
+        """The numbers of the checkpoints that commit to this request (its records or
+        its verdicts)."""
+        rows = self._query(
+            "SELECT number FROM audit_checkpoint_leaves WHERE request_id = ?"
+            " UNION SELECT number FROM audit_checkpoint_verdict_leaves WHERE request_id = ?",
+            (str(request_id), str(request_id)),
+        )
+        return sorted(number for (number,) in rows)
 
     def request_ids(self, *, since_ms: int = 0, until_ms: int | None = None) -> list[uuid.UUID]:
         """Every request the store holds anything of, in submission order."""
@@ -302,6 +414,7 @@ class AuditStore(abc.ABC):
         rows = self._query(
             "SELECT request_id FROM audit_requests WHERE submitted_ms >= ? AND submitted_ms < ?"
             " UNION SELECT DISTINCT request_id FROM audit_events"
+            " UNION SELECT request_id FROM audit_verdict_chains"
             " UNION SELECT request_id FROM audit_streams WHERE submitted_ms >= ?"
             " AND submitted_ms < ?",
             (since_ms, until, since_ms, until),
@@ -330,6 +443,21 @@ class AuditStore(abc.ABC):
             EventRecord(uuid.UUID(r), seq, attempt, kind, _as_bytes(value), _as_bytes(h), part, off)
             for r, seq, attempt, kind, value, h, part, off in rows
         ]
+
+    def verdicts(self, request_id: uuid.UUID) -> list[VerdictRecord]:
+        """The request's verdicts in log order (as stored: verify checks them)."""
+        rows = self._query(
+            f"SELECT {_VERDICT_COLUMNS} FROM audit_verdicts WHERE request_id = ? ORDER BY n",
+            (str(request_id),),
+        )
+        return [
+            VerdictRecord(uuid.UUID(r), n, _as_bytes(v), _as_bytes(h), _as_bytes(d), part, off)
+            for r, n, v, h, d, part, off in rows
+        ]
+
+    def all_verdict_chains(self) -> dict[uuid.UUID, VerdictChain]:
+        rows = self._query("SELECT request_id, count, head FROM audit_verdict_chains")
+        return {uuid.UUID(r): VerdictChain(uuid.UUID(r), n, _as_bytes(h)) for r, n, h in rows}
 
     def stream_states(self) -> dict[uuid.UUID, StreamState]:
         rows = self._query(

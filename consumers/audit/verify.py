@@ -16,6 +16,10 @@ What each kind of tampering looks like, and the finding that names it:
   trusted public key do not hold, or it does not follow the previous one
   (``checkpoint``).
 
+The guard's verdicts on a request are a chain of their own, checked the same way
+(a finding about one names ``verdict N`` in its message): altered, missing, moved,
+truncated and rewritten, against the verdict leaves of the checkpoints.
+
 Records written after the last checkpoint are protected by their chain hashes
 only; the consumer checkpoints on a clean stop, so that window is a crash's.
 """
@@ -24,18 +28,27 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from schemas import MalformedMessage, decode_event, decode_request, is_terminal
+from schemas import MalformedMessage, decode_event, decode_request, decode_verdict, is_terminal
 
-from .chain import GENESIS, NO_REQUEST, Leaf, delta_digest, event_hash, request_digest
+from .chain import (
+    GENESIS,
+    NO_REQUEST,
+    Leaf,
+    VerdictLeaf,
+    delta_digest,
+    event_hash,
+    request_digest,
+    verdict_hash,
+)
 from .keys import signature_valid
-from .records import EventRecord, RequestRecord, StreamState
+from .records import EventRecord, RequestRecord, StreamState, VerdictChain, VerdictRecord
 from .store import AuditStore
 
 
@@ -83,6 +96,20 @@ class _Committed:
     checkpoint: int
 
 
+@dataclass(frozen=True, slots=True)
+class _CommittedVerdicts:
+    leaf: VerdictLeaf
+    checkpoint: int
+
+
+@dataclass(slots=True)
+class _Commitments:
+    records: dict[uuid.UUID, list[_Committed]] = field(default_factory=lambda: defaultdict(list))
+    verdicts: dict[uuid.UUID, list[_CommittedVerdicts]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+
+
 def verify(
     store: AuditStore, public_key: Ed25519PublicKey, *, stale_before: datetime | None = None
 ) -> Report:
@@ -92,11 +119,14 @@ def verify(
     report = Report()
     committed = _fold_checkpoints(store, public_key, report)
     states = store.stream_states()
-    for request_id in sorted(set(store.request_ids()) | committed.keys() | states.keys()):
+    chains = store.all_verdict_chains()
+    ids = set(store.request_ids()) | committed.records.keys() | committed.verdicts.keys()
+    for request_id in sorted(ids | states.keys() | chains.keys()):
         report.requests += 1
         _check_request(
-            store, request_id, committed.get(request_id, []), report, states, stale_before
+            store, request_id, committed.records.get(request_id, []), report, states, stale_before
         )
+        _check_verdicts(store, request_id, committed.verdicts.get(request_id, []), report, chains)
     return report
 
 
@@ -111,8 +141,11 @@ def verify_request(
     naming = set(store.checkpoints_naming(request_id))
     committed = _fold_checkpoints(store, public_key, report, only=naming)
     _check_request(
-        store, request_id, committed.get(request_id, []), report, store.streams([request_id])
-    )
+        store, request_id, committed.records.get(request_id, []), report,
+        store.streams([request_id]),
+    )  # fmt: skip
+    _check_verdicts(store, request_id, committed.verdicts.get(request_id, []), report,
+                    store.verdict_chains([request_id]))  # fmt: skip
     return report
 
 
@@ -121,17 +154,18 @@ def _fold_checkpoints(
     public_key: Ed25519PublicKey,
     report: Report,
     only: set[int] | None = None,
-) -> dict[uuid.UUID, list[_Committed]]:
-    """Every request's committed (count, head) at each checkpoint that named it;
-    ``only``: the checkpoints whose leaves are read and checked (default: all)."""
-    committed: dict[uuid.UUID, list[_Committed]] = defaultdict(list)
+) -> _Commitments:
+    """Every request's committed (count, head) of records and of verdicts at each
+    checkpoint that named it; ``only``: the checkpoints whose leaves are read and
+    checked (default: all)."""
+    committed = _Commitments()
     previous, expected = GENESIS, 1
     for checkpoint in store.checkpoints():
         report.checkpoints += 1
         body = checkpoint.body
-        leaves = (
-            store.checkpoint_leaves(body.number) if only is None or body.number in only else None
-        )
+        read = only is None or body.number in only
+        leaves = store.checkpoint_leaves(body.number) if read else None
+        verdict_leaves = store.checkpoint_verdict_leaves(body.number) if read else []
         problem = None
         if body.number != expected:
             problem = f"checkpoint {expected} is missing (the next one held is {body.number})"
@@ -139,14 +173,18 @@ def _fold_checkpoints(
             problem = "does not follow the previous checkpoint: one was removed or replaced"
         elif body.hash() != checkpoint.hash:
             problem = "its fields do not match its hash: altered"
-        elif leaves is not None and delta_digest(leaves) != body.delta:
+        elif leaves is not None and delta_digest(leaves, verdict_leaves) != body.delta:
             problem = "the requests it commits to were altered, added or removed"
         elif not signature_valid(public_key, checkpoint.signature, body.hash()):
             problem = "bad signature under the trusted public key: forged or altered"
         if problem is not None:
             report.findings.append(Finding("checkpoint", problem, checkpoint=body.number))
         for leaf in leaves or ():
-            committed[leaf.request_id].append(_Committed(leaf, body.number))
+            committed.records[leaf.request_id].append(_Committed(leaf, body.number))
+        for verdict_leaf in verdict_leaves:
+            committed.verdicts[verdict_leaf.request_id].append(
+                _CommittedVerdicts(verdict_leaf, body.number)
+            )
         previous, expected = checkpoint.hash, body.number + 1
     return committed
 
@@ -207,6 +245,69 @@ def _check_request(
     if state is not None and (state.next_seq, state.head) != (len(heads), expected_head):
         bad("state", "the consumer's resume state does not match the records (it would resume "
             "at the wrong place)", seq=len(heads))  # fmt: skip
+
+
+def _check_verdicts(
+    store: AuditStore,
+    request_id: uuid.UUID,
+    commitments: Sequence[_CommittedVerdicts],
+    report: Report,
+    chains: dict[uuid.UUID, VerdictChain],
+) -> None:
+    """The request's verdict chain, against what the checkpoints committed."""
+    verdicts = store.verdicts(request_id)
+    report.records += len(verdicts)
+
+    def bad(kind: str, message: str, checkpoint: int | None = None) -> None:
+        report.findings.append(Finding(kind, message, request_id, None, checkpoint))
+
+    heads = _verdict_heads(request_id, verdicts, bad)
+    if heads is None:
+        return
+    for commitment in commitments:
+        count, number = commitment.leaf.count, commitment.checkpoint
+        if len(heads) < count:
+            bad("truncated", f"verdicts {len(heads)}..{count - 1} are missing: checkpoint "
+                f"{number} committed {count}", checkpoint=number)  # fmt: skip
+            return
+        if count and heads[count - 1] != commitment.leaf.head:
+            bad("rewritten", f"verdicts before verdict {count} were rewritten: the chain no "
+                f"longer ends in the head checkpoint {number} committed",
+                checkpoint=number)  # fmt: skip
+            return
+    report.uncovered += len(heads) - (commitments[-1].leaf.count if commitments else 0)
+    chain = chains.get(request_id)
+    if chain is not None and (chain.count, chain.head) != (len(heads), heads[-1] if heads
+                                                           else GENESIS):  # fmt: skip
+        bad("state", "the consumer's verdict chain state does not match the verdicts held")
+
+
+def _verdict_heads(
+    request_id: uuid.UUID,
+    verdicts: Sequence[VerdictRecord],
+    bad: Callable[[str, str], None],
+) -> list[bytes] | None:
+    """The chain head after each verdict; None once a bad one is named."""
+    heads: list[bytes] = []
+    head = GENESIS
+    for expected, record in enumerate(verdicts):
+        if record.n != expected:
+            bad("missing", f"verdict {expected} is missing (the next one held is {record.n})")
+            return None
+        try:
+            verdict = decode_verdict(record.value)
+        except MalformedMessage as exc:
+            bad("altered", f"verdict {record.n} no longer decodes: {exc}")
+            return None
+        if verdict.request_id != request_id:
+            bad("moved", f"verdict {record.n} is one of request {verdict.request_id}")
+            return None
+        head = verdict_hash(head, request_id, record.n, record.value)
+        if head != record.hash:
+            bad("altered", f"verdict {record.n} does not match its chain hash")
+            return None
+        heads.append(head)
+    return heads
 
 
 def _check_request_message(request: RequestRecord, latest: _Committed | None, bad: _Bad) -> None:

@@ -179,6 +179,14 @@ class ServerSettings(_Settings):
     # /metrics: with this set, only `Authorization: Bearer <metrics_key>` reads it;
     # unset, any valid API key does (none is needed only when there are no keys).
     metrics_key: SecretStr | None = Field(default=None, description="the key /metrics asks for")
+    # Each tenant's default moderation mode, from the guard's policy file (the
+    # variable the guard reads too); unset: `moderation_default` for every tenant.
+    guard_policies: Path | None = Field(
+        default=None, description="the guard's policy file: each tenant's default mode"
+    )
+    moderation_default: Literal["off", "monitor", "strict"] = Field(
+        default="off", description="the moderation mode of a tenant no policy file names"
+    )
     # GET /v1/requests/{id}/audit from the audit store (AuditSettings: TOKENBUS_AUDIT_*).
     audit_view: bool = Field(
         default=False, description="serve the audit view of requests from the audit store"
@@ -313,6 +321,28 @@ class AnalyticsSettings(_Settings):
     analytics_session_timeout_s: float = Field(default=6.0, gt=0)
     analytics_heartbeat_interval_s: float = Field(default=0.5, gt=0)
     analytics_rebalance_timeout_s: float = Field(default=6.0, gt=0)
+
+
+class GuardSettings(_Settings):
+    """The guard (``tokenbus guard``); every field reads ``TOKENBUS_GUARD_<FIELD>``.
+    Its consumer group is named after ``group_id``, behind the topic prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="TOKENBUS_GUARD_")
+
+    policies: Path | None = Field(
+        default=None, description="the policy file (TOML); unset: PII and secrets, mode off"
+    )
+    group_id: str = "tokenbus-guard"
+    guard_id: str = Field(default_factory=_default_worker_id)
+    max_open_streams: int = Field(default=100_000, ge=1, description="streams judged at once")
+    commit_every_s: float = Field(default=1.0, gt=0)
+    # As the workers': a guard killed outright is replaced after the session timeout.
+    session_timeout_ms: int = Field(default=6_000, ge=1)
+    heartbeat_interval_ms: int = Field(default=500, ge=1)
+    metrics_port: int | None = Field(default=None, description="serve Prometheus metrics here")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="the address of those metrics; loopback unless set"
+    )
 
 
 class ClientSettings(_Settings):

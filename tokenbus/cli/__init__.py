@@ -1,7 +1,7 @@
 """The ``tokenbus`` command line. Every flag also reads ``TOKENBUS_<FLAG>``.
 
 One module per concern: `stack` (``up``, the supervisor of the rest), `broker`
-(the embedded broker, the topics), `serve`, `worker`, `analytics`, `audit`,
+(the embedded broker, the topics), `serve`, `worker`, `analytics`, `audit`, `guard`,
 `client` (submit, stream, replay, cancel) and `parser`; `settings` (flags, the
 environment, `SetupError`), `errors` (what a user got wrong, in one line) and
 `interrupts` (Ctrl-C, SIGTERM) are what they share.
@@ -24,7 +24,7 @@ from tokenbus.cli.parser import build_parser
 __all__ = ["main"]
 
 # The commands that run a service (and log) rather than a client or a tool.
-_SERVICES = {"up", "broker", "serve", "worker", "audit"}
+_SERVICES = {"up", "broker", "serve", "worker", "audit", "guard"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

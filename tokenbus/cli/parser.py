@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import uuid
 
-from tokenbus.cli import analytics, audit, broker, client, serve, stack, worker
+from tokenbus.cli import analytics, audit, broker, client, guard, serve, stack, worker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analytics_cmd.add_argument("--host", help="HTTP address [TOKENBUS_ANALYTICS_HOST]")
     analytics_cmd.set_defaults(run=analytics.analytics)
+
+    guard_cmd = commands.add_parser("guard", help="the moderation consumer (streaming guardrails)")
+    guard_cmd.add_argument(
+        "--policies", help="the policy file, TOML (docs/guard.md) [TOKENBUS_GUARD_POLICIES]"
+    )
+    guard_cmd.add_argument(
+        "--metrics-port", type=int, help="serve /metrics here [TOKENBUS_GUARD_METRICS_PORT]"
+    )
+    guard_cmd.set_defaults(run=guard.guard)
 
     _client_commands(commands)
     _audit_commands(commands)

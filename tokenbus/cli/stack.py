@@ -1,8 +1,8 @@
 """`tokenbus up`: the whole stack on one machine, supervised until Ctrl-C.
 
 The broker (embedded unless KAFKA_BOOTSTRAP_SERVERS names one), the topics, a
-worker, the audit and analytics consumers as child processes, and the HTTP server
-in this one."""
+worker, the audit, analytics and guard consumers as child processes, and the HTTP
+server in this one."""
 
 from __future__ import annotations
 
@@ -104,8 +104,14 @@ async def _run_stack(
     )  # fmt: skip
     children = {"worker": worker, "audit consumer": audit}
     analytics = await _start_analytics(kafka)  # not watched: the stack goes on without it
+    # Not watched either: without it monitored streams run unjudged and strict ones
+    # fail closed, each with a reason; the rest of the stack is unaffected.
+    guard = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenbus", "guard",
+        env=os.environ | kafka_env(kafka), preexec_fn=supervised,
+    )  # fmt: skip
     stages.reached(
-        "worker, audit and analytics started; the worker loads its model (a first run "
+        "worker, audit, analytics and guard started; the worker loads its model (a first run "
         "converts the default model once, a minute or two; later runs take seconds)"
     )
     serving, uv = start_server(kafka, server, audit_view=True)  # the store `audit` writes
@@ -125,6 +131,7 @@ async def _run_stack(
         return 0
     finally:
         await _stop_child(analytics, timeout_s=5)  # its state is in changelogs: kill is safe
+        await _stop_child(guard, timeout_s=5)  # it judges open streams again on its restart
         for child in children.values():
             await _stop_child(child)
 

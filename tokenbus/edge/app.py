@@ -33,6 +33,7 @@ from .directory import RequestDirectory
 from .errors import client_address, error_response, install_error_handlers
 from .http_metrics import HttpMetrics, HttpMetricsMiddleware
 from .limits import BodyLimits
+from .moderation import ModerationDefaults
 from .openai_routes import router as openai_router
 from .stream_routes import router as relay_router
 from .submit_routes import router as submit_router
@@ -51,6 +52,7 @@ def create_app(
     if access.anonymous:
         log.warning("no API keys configured: one anonymous tenant, listening on loopback only")
     http_metrics = HttpMetrics()
+    moderation = ModerationDefaults(settings)  # reads the policy file: a bad one fails here
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -73,6 +75,7 @@ def create_app(
                 "log": log_reader,
                 "directory": RequestDirectory(log_reader, access),
                 "access": access,
+                "moderation": moderation,
                 "background": background,
                 "server_settings": settings,
                 "registry": registry,

@@ -29,6 +29,7 @@ from schemas import (
     FinishedEvent,
     FinishReason,
     GenerationRequest,
+    ModerationMode,
     SamplingParams,
     StartedEvent,
     StreamEvent,
@@ -55,6 +56,7 @@ _FINISH_REASONS = {
     FinishReason.LENGTH: "length",
     FinishReason.CANCELLED: "stop",  # OpenAI has no word for it; the event log keeps the truth
     FinishReason.EXPIRED: "stop",
+    FinishReason.CONTENT_FILTER: "content_filter",  # OpenAI's own value
 }
 
 
@@ -80,6 +82,8 @@ class _OpenAIBody(BaseModel):
     # An extension. Unset: a streaming request is cancelled when its client closes
     # the connection (as vLLM does: nobody is left to read it), a whole one is not.
     cancel_on_disconnect: bool | None = None
+    # An extension: the guard's mode for this request; unset, the tenant's default.
+    moderation: ModerationMode | None = None
 
     @property
     def cancels_on_disconnect(self) -> bool:
@@ -205,6 +209,7 @@ async def _complete(
             sampling=body.sampling(default_max_tokens=256 if kind == "chat" else 16),
             submitted_at=_now(),
             cancel_on_disconnect=body.cancels_on_disconnect,
+            moderation=body.moderation,
             metadata={"api": f"openai.{kind}"} | ({"user": body.user[:512]} if body.user else {}),
         )
     except ValidationError as exc:
@@ -212,7 +217,7 @@ async def _complete(
     headers = {"X-Request-Id": str(generation.request_id)}
     shape = _Shape(kind, generation.request_id, body.model)
     if not body.stream:
-        await accept(request, caller, generation)
+        generation = await accept(request, caller, generation)
         events = subscribe_events(request.state.hub, request.state.log, generation.request_id)
         return await _whole(events, shape, headers)
     # The native stream's treatment (limits, send timeout, cancel_on_disconnect),
@@ -220,7 +225,7 @@ async def _complete(
     # submitted, so a 429 leaves nothing running.
     release = open_stream(request, caller)
     try:
-        await accept(request, caller, generation)
+        generation = await accept(request, caller, generation)
     except BaseException:
         release()
         raise

@@ -15,19 +15,28 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import AwareDatetime, ConfigDict, Field, field_validator
 
 from producers.submitter import Submitter
-from schemas import Cancel, GenerationRequest, PromptInput, SamplingParams, uuid7
+from schemas import (
+    Cancel,
+    GenerationRequest,
+    ModerationMode,
+    PromptInput,
+    SamplingParams,
+    uuid7,
+)
 from schemas.requests import ANY_MODEL, ModelName, check_metadata
 
 from .access import Access, Caller
 from .directory import RequestDirectory
 from .errors import client_address, json_body, parse_request_id
+from .moderation import ModerationDefaults
 
 router = APIRouter()
 
 
 class SubmitBody(PromptInput, SamplingParams):
     """The body of ``POST /v1/requests``: a prompt or chat, OpenAI-style sampling
-    parameters, and optional deadline, metadata and cancel_on_disconnect.
+    parameters, and optional deadline, metadata, cancel_on_disconnect and
+    moderation (off, monitor, strict; unset: the tenant's default).
 
     Read with strict JSON validation (`json_body`): ``"max_tokens": "10"`` is refused,
     and ``deadline`` is an ISO 8601 string with a zone, never a number."""
@@ -38,6 +47,7 @@ class SubmitBody(PromptInput, SamplingParams):
     deadline: AwareDatetime | None = None
     cancel_on_disconnect: bool = False
     metadata: dict[str, str] = Field(default_factory=dict)
+    moderation: ModerationMode | None = None
 
     _metadata_bounds = field_validator("metadata")(check_metadata)
 
@@ -53,6 +63,7 @@ class SubmitBody(PromptInput, SamplingParams):
             deadline=self.deadline,
             cancel_on_disconnect=self.cancel_on_disconnect,
             metadata=self.metadata,
+            moderation=self.moderation,
         )
 
 
@@ -69,14 +80,20 @@ def events_path(request_id: uuid.UUID) -> str:
     return f"/v1/requests/{request_id}/events"
 
 
-async def accept(request: Request, caller: Caller, generation: GenerationRequest) -> None:
-    """Rate-limit, produce (acknowledged), and remember a request; the one way in."""
+async def accept(
+    request: Request, caller: Caller, generation: GenerationRequest
+) -> GenerationRequest:
+    """Rate-limit, resolve the moderation mode, produce (acknowledged), and remember a
+    request; the one way in. Returns the request as produced."""
     state = request.state
     state.access.admit_submission(caller)
+    moderation: ModerationDefaults = state.moderation
+    generation = moderation.resolve(generation)
     submitter: Submitter = state.submitter
     await submitter.submit(generation)  # BrokerUnavailable: a 503 (errors.py)
     directory: RequestDirectory = state.directory
     directory.remember(generation)
+    return generation
 
 
 @router.post("/v1/requests", status_code=202)
@@ -86,8 +103,7 @@ async def submit_request(
     caller: Annotated[Caller, Depends(caller)],
     body: Annotated[SubmitBody, Depends(json_body(SubmitBody))],
 ) -> dict[str, Any]:
-    generation = body.to_request(uuid7(), tenant=caller.tenant)
-    await accept(request, caller, generation)
+    generation = await accept(request, caller, body.to_request(uuid7(), tenant=caller.tenant))
     access: Access = request.state.access
     response.headers["Location"] = events_path(generation.request_id)
     return {
@@ -97,6 +113,7 @@ async def submit_request(
         "status": "queued",
         "model": generation.model,
         "submitted_at": generation.submitted_at.isoformat(),
+        "moderation": generation.moderation,
     }
 
 
