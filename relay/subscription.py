@@ -21,12 +21,15 @@ sees a silent gap.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from contextlib import aclosing
 
 from schemas import StreamEvent, is_terminal
 from tokenbus.bus.log import LogReader
+from tokenbus.bus.verdicts import VerdictTail
 
 from .hub import Held, Listener, StreamHub, SubscriberOverflow
+from .strict import judged
 
 
 class StreamTruncated(Exception):
@@ -81,10 +84,28 @@ class _Cursor:
 
 
 async def subscribe(
-    hub: StreamHub, log: LogReader, request_id: uuid.UUID, *, after: int = -1
+    hub: StreamHub,
+    log: LogReader,
+    request_id: uuid.UUID,
+    *,
+    after: int = -1,
+    strict: VerdictTail | None = None,
+    strict_wait_s: float = 15.0,
 ) -> AsyncIterator[list[Held]]:
     """The stream from seq ``after + 1``, in batches (never empty) of contiguous
-    events, each batch as much as was at hand."""
+    events, each batch as much as was at hand. ``strict``: the guard's verdicts, for
+    a strictly moderated stream (`relay.strict`; raises `GuardTimeout`)."""
+    batches = _subscribe(hub, log, request_id, after)
+    if strict is not None:
+        batches = judged(batches, strict, request_id, strict_wait_s)
+    async with aclosing(batches) as subscription:
+        async for batch in subscription:
+            yield batch
+
+
+async def _subscribe(
+    hub: StreamHub, log: LogReader, request_id: uuid.UUID, after: int
+) -> AsyncGenerator[list[Held], None]:
     cursor = _Cursor(request_id, after)
     while not cursor.done:
         with hub.listen(request_id) as listener:
@@ -96,10 +117,19 @@ async def subscribe(
 
 
 async def subscribe_events(
-    hub: StreamHub, log: LogReader, request_id: uuid.UUID, *, after: int = -1
+    hub: StreamHub,
+    log: LogReader,
+    request_id: uuid.UUID,
+    *,
+    after: int = -1,
+    strict: VerdictTail | None = None,
+    strict_wait_s: float = 15.0,
 ) -> AsyncIterator[StreamEvent]:
     """`subscribe`, one event at a time (for a reader that shapes each event itself)."""
-    async for batch in subscribe(hub, log, request_id, after=after):
+    batches = subscribe(
+        hub, log, request_id, after=after, strict=strict, strict_wait_s=strict_wait_s
+    )
+    async for batch in batches:
         for held in batch:
             yield held.event
 

@@ -3,8 +3,10 @@ makes the model write an e-mail address is cut and ends ``content_filter``; an
 unmoderated one runs on; a stale guard's verdict does not count; a guard killed
 with SIGKILL mid-stream is replaced and judges the stream again under a new epoch.
 
-(The relay's strict delivery is tested with the relay; here strict streams behave
-as monitored ones do at the worker.)"""
+Strict streams at the relay: no SSE client, live or replayed (from the relay's
+memory or from the log by another relay), ever receives the flagged text; the
+stream stays contiguous and ends ``content_filter``; with no guard running, a
+strict stream fails closed after the bounded wait, having delivered no text."""
 
 from __future__ import annotations
 
@@ -30,9 +32,12 @@ from schemas import (
     FinishedEvent,
     FinishReason,
     ModerationMode,
+    StreamEvent,
+    TokenEvent,
     Verdict,
     VerdictView,
     Violation,
+    decode_event,
     encode,
     message_key,
 )
@@ -272,3 +277,71 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 
 def _in(seconds: float) -> float:
     return asyncio.get_running_loop().time() + seconds
+
+
+async def _raw_stream(url: str, path: str) -> tuple[bytes, list[StreamEvent]]:
+    """The SSE bytes of a whole stream, and its events."""
+    async with httpx.AsyncClient(timeout=60) as http, http.stream("GET", url + path) as response:
+        assert response.status_code == 200
+        raw = b"".join([chunk async for chunk in response.aiter_bytes()])
+    events = [
+        decode_event(line.removeprefix(b"data: "))
+        for frame in raw.split(b"\r\n\r\n")
+        if not frame.startswith(b"event: error")  # the relay's own word, not an event
+        for line in frame.split(b"\r\n")
+        if line.startswith(b"data: ")
+    ]
+    return raw, events
+
+
+async def test_strict_never_delivers_the_flagged_text(bus: Bus, kafka: KafkaSettings) -> None:
+    submission = await bus.client.submit(EMAIL, max_tokens=60, temperature=0, moderation="strict")
+    rid = submission.request_id
+    live = await collect(bus.client, rid)
+    assert_complete(live)
+    end = live[-1]
+    assert isinstance(end, FinishedEvent) and end.finish_reason is FinishReason.CONTENT_FILTER
+    assert end.content_filter is not None and end.content_filter.category == "email"
+    assert "example.com" not in text_of(live) and "jdoe" not in text_of(live)
+    # From the flagged token on, tokens come redacted: same seqs, no text.
+    redacted = [e for e in live if isinstance(e, TokenEvent) and e.seq >= end.content_filter.seq]
+    assert redacted and all(e.text == "" and e.token_ids == [] for e in redacted)
+    # What the model wrote (the log holds it; the relay never sends it).
+    view = bus.tail.view(rid)
+    assert view is not None and view.flagged is not None
+
+    path = f"/v1/requests/{rid}/events"
+    url = str(bus.http.base_url).rstrip("/")
+    replayed_raw, replayed = await _raw_stream(url, path)  # from this relay's memory
+    assert b"example.com" not in replayed_raw
+    assert [e.seq for e in replayed] == [e.seq for e in live]
+    async with serving(kafka) as (fresh, _):  # another relay: from the log
+        from_log_raw, from_log = await _raw_stream(fresh, path)
+    assert b"example.com" not in from_log_raw and b"jdoe" not in from_log_raw
+    assert [e.seq for e in from_log] == [e.seq for e in live]
+
+
+async def test_strict_fails_closed_without_a_guard(
+    kafka: KafkaSettings, smollm: LoadedModel
+) -> None:
+    async with serving(kafka, strict_wait_s=2) as (url, http), working(kafka, smollm):
+        submitted = await http.post(
+            "/v1/requests", json={"prompt": EMAIL, "max_tokens": 20, "moderation": "strict"}
+        )
+        assert submitted.status_code == 202, submitted.text
+        path = f"/v1/requests/{submitted.json()['request_id']}/events"
+        async with asyncio.timeout(60):
+            raw, events = await _raw_stream(url, path)
+    assert b"event: error" in raw and b"guard_unavailable" in raw and b"fails closed" in raw
+    assert not [e for e in events if isinstance(e, TokenEvent) and e.text]
+
+
+async def test_strict_on_the_openai_endpoint(bus: Bus) -> None:
+    answer = await bus.http.post(
+        "/v1/completions",
+        json={"prompt": EMAIL, "max_tokens": 60, "temperature": 0, "moderation": "strict"},
+    )
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    assert choice["finish_reason"] == "content_filter"
+    assert "example.com" not in choice["text"]

@@ -165,6 +165,9 @@ class ServerSettings(_Settings):
     # before a request id's timestamp when locating its events in the log.
     clock_skew_ms: int = Field(default=30_000, ge=0)
     log_read_timeout_s: float = Field(default=15.0, gt=0)
+    # Strict moderation: how long a strict stream waits for the guard to judge an
+    # event before it fails closed (the guard down, or far behind).
+    strict_wait_s: float = Field(default=15.0, gt=0)
 
     # Access. No keys (the embedded default): one anonymous tenant, loopback only.
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant (JSON)")

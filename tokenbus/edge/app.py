@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -25,6 +25,7 @@ from relay.hub import StreamHub
 from tokenbus import __version__
 from tokenbus.bus.log import LogReader
 from tokenbus.bus.settings import AuditSettings, KafkaSettings, ServerSettings
+from tokenbus.bus.verdicts import VerdictTail
 
 from .access import Access
 from .audit_routes import AuditView
@@ -67,11 +68,25 @@ def create_app(
         registry = CollectorRegistry()
         registry.register(_RelayCollector(hub))
         registry.register(http_metrics)
+        # Strict moderation (relay/strict.py): how long a strict stream's events
+        # waited for the guard's verdicts, the delay strict mode adds to delivery.
+        strict_wait = Histogram(
+            "tokenbus_relay_strict_wait_seconds",
+            "Strict moderation: how long a batch of a strict stream waited for the "
+            "guard to judge it before it was sent (0 when judged already)",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        verdicts = VerdictTail(kafka, on_wait=strict_wait.observe)
         hub_task = asyncio.create_task(_keep_running("relay hub", hub.run), name="relay-hub")
+        verdicts_task = asyncio.create_task(
+            _keep_running("verdict tail", verdicts.run), name="relay-verdicts"
+        )
         try:
             yield {
                 "submitter": submitter,
                 "hub": hub,
+                "verdicts": verdicts,
                 "log": log_reader,
                 "directory": RequestDirectory(log_reader, access),
                 "access": access,
@@ -82,9 +97,10 @@ def create_app(
                 "audit_view": AuditView(audit) if audit is not None else None,
             }
         finally:
-            hub_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await hub_task
+            for task in (hub_task, verdicts_task):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await asyncio.gather(*background, return_exceptions=True)
             await submitter.close()
 

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from schemas import GenerationRequest
+from schemas import GenerationRequest, ModerationMode
 from tokenbus.bus.log import LogReader, LogReadTimeout, Submitted
 
 from .access import Access, Caller
@@ -24,10 +24,12 @@ class KnownRequest:
     request_id: uuid.UUID
     tenant: str | None  # None: a malformed submission, owned by nobody in particular
     cancel_on_disconnect: bool = False
+    strict: bool = False  # strict moderation: deliver only what the guard has judged
 
     @classmethod
     def of(cls, request: GenerationRequest) -> KnownRequest:
-        return cls(request.request_id, request.tenant, request.cancel_on_disconnect)
+        strict = request.moderation == ModerationMode.STRICT
+        return cls(request.request_id, request.tenant, request.cancel_on_disconnect, strict)
 
 
 class RequestDirectory:

@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from relay.strict import GuardTimeout
 from relay.subscription import subscribe_events
 from schemas import (
     ErrorCode,
@@ -218,8 +219,13 @@ async def _complete(
     shape = _Shape(kind, generation.request_id, body.model)
     if not body.stream:
         generation = await accept(request, caller, generation)
-        events = subscribe_events(request.state.hub, request.state.log, generation.request_id)
-        return await _whole(events, shape, headers)
+        try:
+            return await _whole(_events(request, generation), shape, headers)
+        except GuardTimeout as exc:
+            raise ApiError(
+                503, "guard_unavailable", f"{exc}: a strict request fails closed",
+                {"Retry-After": "5"},
+            ) from None  # fmt: skip
     # The native stream's treatment (limits, send timeout, cancel_on_disconnect),
     # through the same helper; the stream's slot is taken before anything is
     # submitted, so a 429 leaves nothing running.
@@ -229,7 +235,7 @@ async def _complete(
     except BaseException:
         release()
         raise
-    events = subscribe_events(request.state.hub, request.state.log, generation.request_id)
+    events = _events(request, generation)
     usage = body.stream_options is not None and body.stream_options.include_usage
     return stream_response(
         request,
@@ -278,11 +284,34 @@ def _usage(finished: FinishedEvent) -> dict[str, int]:
             "total_tokens": total}  # fmt: skip
 
 
+def _events(request: Request, generation: GenerationRequest) -> AsyncIterator[StreamEvent]:
+    state = request.state
+    strict = generation.moderation == ModerationMode.STRICT
+    return subscribe_events(
+        state.hub, state.log, generation.request_id,
+        strict=state.verdicts if strict else None,
+        strict_wait_s=state.server_settings.strict_wait_s,
+    )  # fmt: skip
+
+
 async def _chunks(
     events: AsyncIterator[StreamEvent], shape: _Shape, *, include_usage: bool
 ) -> AsyncIterator[bytes]:
-    first = True
     extra = {"usage": None} if include_usage else {}
+    try:
+        async for chunk in _shaped(events, shape, extra, include_usage):
+            yield chunk
+    except GuardTimeout as exc:
+        message = f"{exc}: a strict request fails closed"
+        yield _data({"error": {"message": message, "type": "server_error", "param": None,
+                               "code": "guard_unavailable"}})  # fmt: skip
+    yield b"data: [DONE]\r\n\r\n"
+
+
+async def _shaped(
+    events: AsyncIterator[StreamEvent], shape: _Shape, extra: dict[str, Any], include_usage: bool
+) -> AsyncIterator[bytes]:
+    first = True
     async for event in events:
         if isinstance(event, StartedEvent):
             shape.model = event.model
@@ -301,7 +330,6 @@ async def _chunks(
                 yield _data(shape.envelope(chunk=True) | {"choices": [], "usage": _usage(event)})
         elif isinstance(event, FailedEvent):
             yield _data({"error": _error_body(event)[1]})
-    yield b"data: [DONE]\r\n\r\n"
 
 
 async def _whole(

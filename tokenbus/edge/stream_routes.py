@@ -28,6 +28,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from prometheus_client import Histogram
 
 from relay.hub import Held, StreamHub
+from relay.strict import GuardTimeout
 from relay.subscription import ResumedPastEnd, StreamTruncated, subscribe
 from schemas import is_terminal, sse_error_frame
 from tokenbus.bus.log import LogReader, LogReadTimeout
@@ -111,16 +112,22 @@ async def stream_events(
     return stream_response(
         request,
         rid,
-        _frames(request, rid, resume_after, pace),
+        _frames(request, rid, resume_after, pace, strict=known.strict),
         release,
         cancel_on_disconnect=known.cancel_on_disconnect,
     )
 
 
-async def _frames(request: Request, rid: uuid.UUID, after: int, pace: str) -> AsyncIterator[bytes]:
+async def _frames(
+    request: Request, rid: uuid.UUID, after: int, pace: str, *, strict: bool
+) -> AsyncIterator[bytes]:
     state = request.state
     hub: StreamHub = state.hub
-    batches = subscribe(hub, state.log, rid, after=after)
+    batches = subscribe(
+        hub, state.log, rid, after=after,
+        strict=state.verdicts if strict else None,
+        strict_wait_s=state.server_settings.strict_wait_s,
+    )  # fmt: skip
     if pace == "original":
         batches = _original_pace(batches)
     # Delivery delay counts live delivery only: events generated after this
@@ -144,6 +151,8 @@ async def _frames(request: Request, rid: uuid.UUID, after: int, pace: str) -> As
         yield sse_error_frame("stream_truncated", str(exc))
     except ResumedPastEnd as exc:  # it ended between the check and the subscription
         yield sse_error_frame("after_end_of_stream", str(exc))
+    except GuardTimeout as exc:
+        yield sse_error_frame("guard_unavailable", f"{exc}: a strict stream fails closed")
 
 
 async def _original_pace(batches: AsyncIterator[list[Held]]) -> AsyncIterator[list[Held]]:
