@@ -61,7 +61,7 @@ from .models import LoadedModel
 from .offsets import OffsetTracker
 from .ownership import Ownership
 from .publisher import EventStream
-from .takeover import Published, Takeover, steps_after
+from .takeover import HeadStart, Published, Takeover, steps_after
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +250,33 @@ class Worker:
         )
 
     async def _serve(self, job: Job, stream: EventStream) -> None:
-        request = job.request
         picked_up = time.perf_counter()
+        head_start = self._head_start(job.request)
+        try:
+            await self._serve_claimed(job, stream, picked_up, head_start)
+        finally:
+            if head_start is not None:
+                await head_start.drop()
+
+    def _head_start(self, request: GenerationRequest) -> HeadStart | None:
+        """The model's start on a request that is to be generated, before its claim
+        (takeover.py); None for one to be answered without the model."""
+        if request.model not in self._names or request.expired(datetime.now(UTC)):
+            return None
+        rid = request.request_id
+        if self._cancels.cancelled(rid):
+            return None
+        try:
+            prompt_ids = self._engine.prompt_ids(request)
+        except PromptError:
+            return None
+        should_stop = lambda: self._cancels.cancelled(rid) is not None  # noqa: E731
+        return HeadStart(self._engine.generate(request, prompt_ids, should_stop=should_stop))
+
+    async def _serve_claimed(
+        self, job: Job, stream: EventStream, picked_up: float, head_start: HeadStart | None
+    ) -> None:
+        request = job.request
         # Another worker may have served this request before it died or froze (its
         # offset was not committed): what the log holds decides where to go on from.
         earlier = await self._takeover.published(request.request_id)
@@ -290,7 +315,11 @@ class Worker:
             if earlier.events:
                 log.info("continuing %s after seq %d", request.request_id, claimed.events[-1].seq)
             revoked = lambda: not self._owned(job)  # noqa: E731
-            await self._generate(request, prompt_ids, stream, picked_up, claimed, revoked)
+            if claimed.token_ids and head_start is not None:
+                await head_start.drop()  # it began afresh; the stream goes on from its tokens
+            await self._generate(
+                request, prompt_ids, stream, picked_up, claimed, revoked, head_start
+            )
         except KafkaError:
             raise  # the broker is the problem, not the request: let the worker fail
         except Exception as exc:
@@ -321,10 +350,11 @@ class Worker:
         picked_up: float,
         claimed: Published,
         revoked: Callable[[], bool],
+        head_start: HeadStart | None,
     ) -> None:
         rid = request.request_id
         should_stop = lambda: self._cancels.cancelled(rid) is not None  # noqa: E731
-        steps = steps_after(claimed, self._engine, request, prompt_ids, should_stop)
+        steps = steps_after(claimed, self._engine, request, prompt_ids, should_stop, head_start)
         ttft_ms: float | None = None  # this attempt's; unknown when it took over mid-stream
         completion = len(claimed.token_ids)
         async with contextlib.aclosing(steps):  # leaving early frees its batch slot at once
