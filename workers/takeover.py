@@ -14,12 +14,15 @@ does not start afresh:
 
 Steps 1-3 are two reads of the log and a round trip to the broker: tens of
 milliseconds that would come before the first token of every request, although
-almost every request is new. So the model starts on a request that is to be
-generated at once (`HeadStart`), beside the reads and the claim, and nothing it
-produces is published until the claim is back: its steps are kept if the claimed
-stream has no tokens (the engine would start from exactly there), and dropped if
-it has (the try continues from those instead). Publishing waits for the claim as
-before, so the fencing holds as it did; the model's time and the claim's overlap.
+almost every request is new. So on a request that no earlier try can have touched
+(*unseen*, see offsets.py) the model starts at once (`HeadStart`), beside the reads
+and the claim, and nothing it produces is published until the claim is back: its
+steps are kept if the claimed stream has no tokens (the engine would start from
+exactly there), and dropped if it has (a worker the group expelled fetched it
+unknowing; the try continues from its tokens instead). Publishing waits for the
+claim as before, so the fencing holds as it did; the model's time and the claim's
+overlap. A request that is not unseen is read and claimed before the model starts,
+as before, so one that kills the worker is counted by its claims (a poison pill).
 """
 
 from __future__ import annotations

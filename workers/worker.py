@@ -77,6 +77,7 @@ class Job:
     tp: TopicPartition
     term: int  # of this worker's ownership of tp (ownership.py)
     offset: int
+    unseen: bool = False  # no earlier try can exist (offsets.py): the model starts at once
 
 
 class Worker:
@@ -148,6 +149,8 @@ class Worker:
             batches = await consumer.getmany(timeout_ms=200, max_records=max(room, 1))
             if assigned and self._cancels.caught_up.is_set():
                 self.ready.set()
+            for tp in consumer.assignment():
+                self._offsets.fetched(tp, consumer.highwater(tp))
             for tp, records in batches.items():
                 for record in records:
                     await self._accept(tp, record)
@@ -165,7 +168,8 @@ class Worker:
         except MalformedMessage as exc:
             await self._reject(tp, term, record, exc)
             return
-        self._queue.put_nowait(Job(request, tp, term, record.offset))
+        unseen = self._offsets.unseen(tp, record.offset)
+        self._queue.put_nowait(Job(request, tp, term, record.offset, unseen))
 
     async def _reject(
         self,
@@ -215,15 +219,17 @@ class Worker:
                 served.add_done_callback(lambda _: slots.release())
 
     async def _serve_job(self, job: Job, producer: AIOKafkaProducer) -> None:
+        first_try = job.unseen
         while self._owned(job):  # ends: every try is an attempt in the log, and they are limited
             stream = self._stream(producer, job)
             try:
-                await self._serve(job, stream)
+                await self._serve(job, stream, head_start=first_try)
                 self._observe_latency(job.request, stream)
                 break
             except GenerationCrashed:
                 log.exception("generation of %s crashed; trying again under a new attempt",
                               job.request.request_id)  # fmt: skip
+            first_try = False
         await self._commit(job.tp, job.term, job.offset)
 
     def _observe_latency(self, request: GenerationRequest, stream: EventStream) -> None:
@@ -249,14 +255,16 @@ class Worker:
             attempt=self._takeover.attempt(),
         )
 
-    async def _serve(self, job: Job, stream: EventStream) -> None:
+    async def _serve(self, job: Job, stream: EventStream, *, head_start: bool) -> None:
+        """Serve one try at ``job``; with ``head_start`` (a request no earlier try can
+        have touched) the model starts beside the claim (takeover.py)."""
         picked_up = time.perf_counter()
-        head_start = self._head_start(job.request)
+        started_early = self._head_start(job.request) if head_start else None
         try:
-            await self._serve_claimed(job, stream, picked_up, head_start)
+            await self._serve_claimed(job, stream, picked_up, started_early)
         finally:
-            if head_start is not None:
-                await head_start.drop()
+            if started_early is not None:
+                await started_early.drop()
 
     def _head_start(self, request: GenerationRequest) -> HeadStart | None:
         """The model's start on a request that is to be generated, before its claim
