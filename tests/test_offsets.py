@@ -1,5 +1,4 @@
-"""Commits go only up to the lowest unfinished offset of a partition; requests that
-reached a partition after this worker took it are unseen by any other."""
+"""Commits go only up to the lowest unfinished offset of a partition."""
 
 from __future__ import annotations
 
@@ -46,23 +45,3 @@ def test_offsets_fetched_again_after_a_rebalance_are_known() -> None:
     assert tracker.finished(TP, 4) == 6
     tracker.forget({TP})
     assert not tracker.seen(TP, 4) and tracker.committable(TP) is None
-
-
-def test_requests_after_the_first_fetch_of_a_partition_taken_are_unseen() -> None:
-    tracker = OffsetTracker()
-    assert not tracker.unseen(TP, 0)  # nothing fetched yet: nothing known
-    tracker.fetched(TP, None)  # an assignment not fetched from yet
-    assert not tracker.unseen(TP, 0)
-    tracker.fetched(TP, 20)  # the log ended at 20: what is below, an earlier owner had
-    tracker.fetched(TP, 25)  # later fetches move nothing
-    assert not tracker.unseen(TP, 19)
-    assert tracker.unseen(TP, 20) and tracker.unseen(TP, 24)
-
-
-def test_a_partition_lost_and_taken_again_starts_over() -> None:
-    tracker = OffsetTracker()
-    tracker.fetched(TP, 20)
-    tracker.forget({TP})  # lost: another worker may fetch what comes next
-    assert not tracker.unseen(TP, 30)
-    tracker.fetched(TP, 40)  # taken again
-    assert not tracker.unseen(TP, 30) and tracker.unseen(TP, 40)

@@ -11,23 +11,10 @@ does not start afresh:
 2. it publishes under an attempt number higher than any before (`Takeover.attempt`);
 3. it claims the request (`Takeover.claim`) and continues from exactly the stream
    its claim ends (`steps_after`).
-
-Steps 1-3 are two reads of the log and a round trip to the broker: tens of
-milliseconds that would come before the first token of every request, although
-almost every request is new. So on a request that no earlier try can have touched
-(*unseen*, see offsets.py) the model starts at once (`HeadStart`), beside the reads
-and the claim, and nothing it produces is published until the claim is back: its
-steps are kept if the claimed stream has no tokens (the engine would start from
-exactly there), and dropped if it has (a worker the group expelled fetched it
-unknowing; the try continues from its tokens instead). Publishing waits for the
-claim as before, so the fencing holds as it did; the model's time and the claim's
-overlap. A request that is not unseen is read and claimed before the model starts,
-as before, so one that kills the worker is counted by its claims (a poison pill).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
@@ -105,49 +92,17 @@ class Takeover:
         return claimed
 
 
-class HeadStart:
-    """A request's generation from its first token, begun before its claim: the
-    engine computes the first step (the prompt's prefill) while the claim goes to
-    the broker and back. `steps_after` takes it or drops it."""
-
-    def __init__(self, steps: AsyncGenerator[Step]) -> None:
-        self._steps = steps
-        self._first = asyncio.ensure_future(anext(steps))
-
-    async def steps(self) -> AsyncGenerator[Step]:
-        try:
-            yield await self._first
-            async for step in self._steps:
-                yield step
-        finally:
-            await self.drop()
-
-    async def drop(self) -> None:
-        """Stop the generation and free its place in the batch (again: a no-op)."""
-        if not self._first.done():
-            self._first.cancel()
-        await asyncio.wait([self._first])  # without raising its error or cancellation
-        if not self._first.cancelled():
-            self._first.exception()  # retrieved: a dropped head start's error is no one's
-        await self._steps.aclose()
-
-
 def steps_after(
     claimed: Published,
     engine: GenerationEngine,
     request: GenerationRequest,
     prompt_ids: list[int],
     should_stop: Callable[[], bool],
-    head_start: HeadStart | None = None,
 ) -> AsyncGenerator[Step]:
     """What is left to generate of a claimed stream: the engine's steps after the
-    tokens published, or only `finished` if the closing text is out already.
-    ``head_start`` is used when the stream has no tokens yet; the caller drops it
-    otherwise."""
+    tokens published, or only `finished` if the closing text is out already."""
     if claimed.only_finished_missing:
         return _single(Step(text="", finish_reason=FinishReason.STOP))
-    if head_start is not None and not claimed.token_ids:
-        return head_start.steps()
     return engine.generate(request, prompt_ids, resumed=claimed.token_ids, should_stop=should_stop)
 
 

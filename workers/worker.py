@@ -61,7 +61,7 @@ from .models import LoadedModel
 from .offsets import OffsetTracker
 from .ownership import Ownership
 from .publisher import EventStream
-from .takeover import HeadStart, Published, Takeover, steps_after
+from .takeover import Published, Takeover, steps_after
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,6 @@ class Job:
     tp: TopicPartition
     term: int  # of this worker's ownership of tp (ownership.py)
     offset: int
-    unseen: bool = False  # no earlier try can exist (offsets.py): the model starts at once
 
 
 class Worker:
@@ -149,8 +148,6 @@ class Worker:
             batches = await consumer.getmany(timeout_ms=200, max_records=max(room, 1))
             if assigned and self._cancels.caught_up.is_set():
                 self.ready.set()
-            for tp in consumer.assignment():
-                self._offsets.fetched(tp, consumer.highwater(tp))
             for tp, records in batches.items():
                 for record in records:
                     await self._accept(tp, record)
@@ -168,8 +165,7 @@ class Worker:
         except MalformedMessage as exc:
             await self._reject(tp, term, record, exc)
             return
-        unseen = self._offsets.unseen(tp, record.offset)
-        self._queue.put_nowait(Job(request, tp, term, record.offset, unseen))
+        self._queue.put_nowait(Job(request, tp, term, record.offset))
 
     async def _reject(
         self,
@@ -219,17 +215,15 @@ class Worker:
                 served.add_done_callback(lambda _: slots.release())
 
     async def _serve_job(self, job: Job, producer: AIOKafkaProducer) -> None:
-        first_try = job.unseen
         while self._owned(job):  # ends: every try is an attempt in the log, and they are limited
             stream = self._stream(producer, job)
             try:
-                await self._serve(job, stream, head_start=first_try)
+                await self._serve(job, stream)
                 self._observe_latency(job.request, stream)
                 break
             except GenerationCrashed:
                 log.exception("generation of %s crashed; trying again under a new attempt",
                               job.request.request_id)  # fmt: skip
-            first_try = False
         await self._commit(job.tp, job.term, job.offset)
 
     def _observe_latency(self, request: GenerationRequest, stream: EventStream) -> None:
@@ -255,36 +249,9 @@ class Worker:
             attempt=self._takeover.attempt(),
         )
 
-    async def _serve(self, job: Job, stream: EventStream, *, head_start: bool) -> None:
-        """Serve one try at ``job``; with ``head_start`` (a request no earlier try can
-        have touched) the model starts beside the claim (takeover.py)."""
-        picked_up = time.perf_counter()
-        started_early = self._head_start(job.request) if head_start else None
-        try:
-            await self._serve_claimed(job, stream, picked_up, started_early)
-        finally:
-            if started_early is not None:
-                await started_early.drop()
-
-    def _head_start(self, request: GenerationRequest) -> HeadStart | None:
-        """The model's start on a request that is to be generated, before its claim
-        (takeover.py); None for one to be answered without the model."""
-        if request.model not in self._names or request.expired(datetime.now(UTC)):
-            return None
-        rid = request.request_id
-        if self._cancels.cancelled(rid):
-            return None
-        try:
-            prompt_ids = self._engine.prompt_ids(request)
-        except PromptError:
-            return None
-        should_stop = lambda: self._cancels.cancelled(rid) is not None  # noqa: E731
-        return HeadStart(self._engine.generate(request, prompt_ids, should_stop=should_stop))
-
-    async def _serve_claimed(
-        self, job: Job, stream: EventStream, picked_up: float, head_start: HeadStart | None
-    ) -> None:
+    async def _serve(self, job: Job, stream: EventStream) -> None:
         request = job.request
+        picked_up = time.perf_counter()
         # Another worker may have served this request before it died or froze (its
         # offset was not committed): what the log holds decides where to go on from.
         earlier = await self._takeover.published(request.request_id)
@@ -323,11 +290,7 @@ class Worker:
             if earlier.events:
                 log.info("continuing %s after seq %d", request.request_id, claimed.events[-1].seq)
             revoked = lambda: not self._owned(job)  # noqa: E731
-            if claimed.token_ids and head_start is not None:
-                await head_start.drop()  # it began afresh; the stream goes on from its tokens
-            await self._generate(
-                request, prompt_ids, stream, picked_up, claimed, revoked, head_start
-            )
+            await self._generate(request, prompt_ids, stream, picked_up, claimed, revoked)
         except KafkaError:
             raise  # the broker is the problem, not the request: let the worker fail
         except Exception as exc:
@@ -358,11 +321,10 @@ class Worker:
         picked_up: float,
         claimed: Published,
         revoked: Callable[[], bool],
-        head_start: HeadStart | None,
     ) -> None:
         rid = request.request_id
         should_stop = lambda: self._cancels.cancelled(rid) is not None  # noqa: E731
-        steps = steps_after(claimed, self._engine, request, prompt_ids, should_stop, head_start)
+        steps = steps_after(claimed, self._engine, request, prompt_ids, should_stop)
         ttft_ms: float | None = None  # this attempt's; unknown when it took over mid-stream
         completion = len(claimed.token_ids)
         async with contextlib.aclosing(steps):  # leaving early frees its batch slot at once
