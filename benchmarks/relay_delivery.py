@@ -85,7 +85,7 @@ RELAY_ENV = {
     "TOKENBUS_SUBSCRIBER_BUFFER": "4096",
     "TOKENBUS_LOG_LEVEL": "WARNING",
 }
-HUB_FETCH_MAX_WAIT_MS = 100  # what relay/hub.py reads with; the plain hop uses the same
+HUB_FETCH_MAX_WAIT_MS = KafkaSettings.model_fields["fetch_max_wait_ms"].default  # relay/hub.py's
 TERMINAL = frozenset({"finished", "failed"})
 TOKEN_TEXT = " tok"  # about one BPE token of text per event
 RELAY_START_WITHIN_S = 60.0

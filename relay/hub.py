@@ -192,7 +192,7 @@ class StreamHub:
     async def run(self) -> None:
         """Read tokenbus.tokens until cancelled."""
         topic = self._kafka.topics.tokens
-        consumer = new_consumer(self._kafka, fetch_max_wait_ms=100)
+        consumer = new_consumer(self._kafka, fetch_max_wait_ms=self._kafka.fetch_max_wait_ms)
         try:
             await consumer.start()
             partitions = await partitions_of(consumer, topic)

@@ -43,6 +43,7 @@ def group_consumer(
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         max_poll_interval_ms=settings.max_poll_interval_ms,
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,  # a request waits for it on Tansu
         # One assignor only: aiokafka 0.14 sends a JoinGroup per assignor offered,
         # and on Apache Kafka the second restarts the rebalance (aiokafka#1168).
         partition_assignment_strategy=(StickyAssignor(lambda: ownership.partitions),),

@@ -1,8 +1,9 @@
 """Publishing a request's events to ``tokenbus.tokens``.
 
-`send()` only appends to the producer's batch (linger of a few ms), so a token
-never waits for a broker round trip; the delivery futures are gathered when the
-terminal event is sent, and only then is the request's offset committed.
+`send()` only appends to the producer's batch (sent at once, or with the next
+produce request if one is in flight), so a token never waits for a broker round
+trip; the delivery futures are gathered when the terminal event is sent, and only
+then is the request's offset committed.
 """
 
 from __future__ import annotations

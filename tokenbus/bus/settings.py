@@ -39,7 +39,22 @@ class KafkaSettings(_Settings):
         description="unset: idempotent wherever the broker supports it (Apache Kafka "
         "does, the embedded Tansu does not); true: required; false: off",
     )
-    linger_ms: int = Field(default=2, ge=0, le=20)
+    linger_ms: int = Field(
+        default=0,
+        ge=0,
+        le=20,
+        description="how long a producer holds a message for more to batch with it; 0: "
+        "sent at once (messages sent while a request to the broker is in flight batch "
+        "anyway, since aiokafka has one in flight per broker)",
+    )
+    fetch_max_wait_ms: int = Field(
+        default=10,
+        ge=1,
+        le=500,
+        description="how long a fetch by a reader on the first token's path (the "
+        "workers' of requests, the relay's of tokens) may wait at the broker for new "
+        "data: Apache Kafka answers as soon as data arrives, Tansu only when this ends",
+    )
     request_timeout_ms: int = Field(default=10_000, ge=100)
     client_id: str = "tokenbus"
 
