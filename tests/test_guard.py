@@ -224,11 +224,13 @@ async def test_the_tenant_default_comes_from_the_policy_file(
 
 
 @pytest.mark.timeout(300)  # two guard processes, a group rebalance and a generation
-async def test_a_guard_killed_mid_stream_is_replaced_and_judges_it_again(
+async def test_a_guard_killed_mid_strict_stream_is_replaced_and_the_stream_goes_on(
     kafka: KafkaSettings, smollm: LoadedModel
 ) -> None:
+    # Strict: the client's stream is open across the kill, and it may receive only
+    # what a guard has judged; it waits while no guard runs (up to strict_wait_s).
     async with (
-        serving(kafka) as (url, _),
+        serving(kafka, strict_wait_s=120) as (url, _),
         working(kafka, smollm),
         following(kafka) as tail,
         TokenbusClient(url) as client,
@@ -236,8 +238,9 @@ async def test_a_guard_killed_mid_stream_is_replaced_and_judges_it_again(
         first = await _guard_process(kafka)
         try:
             submission = await client.submit(messages=STORY, max_tokens=80, temperature=0,
-                                             moderation="monitor")  # fmt: skip
+                                             moderation="strict")  # fmt: skip
             rid = submission.request_id
+            streaming = asyncio.create_task(collect(client, rid))
             await eventually(lambda: tail.watermark(rid) >= 3, within=60)
             before = tail.view(rid)
             assert before is not None and not before.final  # killed mid-stream
@@ -246,8 +249,10 @@ async def test_a_guard_killed_mid_stream_is_replaced_and_judges_it_again(
             await first.wait()
             second = await _guard_process(kafka)
             try:
-                events = await collect(client, rid)
+                events = await asyncio.wait_for(streaming, 240)
                 assert_complete(events)
+                assert isinstance(events[-1], FinishedEvent)
+                assert events[-1].finish_reason is not FinishReason.CONTENT_FILTER
                 view = await tail.wait_judged(rid, events[-1].seq, deadline=_in(60))
                 await eventually(lambda: _final(view), within=60)
                 assert view.epoch > epoch  # the new guard judged it again, from its start
