@@ -23,8 +23,10 @@ a malformed message is counted and skipped.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -161,6 +163,9 @@ def _faust_app(kafka: KafkaSettings, settings: AnalyticsSettings) -> faust.App:
         broker_client_id=kafka.client_id,
         broker_credentials=broker_credentials(kafka),
         store="memory://",
+        # Faust makes its data directory (empty with the memory store) even so; by
+        # default in the current directory, which is the user's.
+        datadir=str(Path(tempfile.gettempdir()) / "tokenbus-analytics"),
         topic_partitions=kafka.partitions,
         topic_replication_factor=kafka.replication_factor,
         consumer_auto_offset_reset="earliest",
