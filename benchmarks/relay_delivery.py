@@ -1,7 +1,7 @@
 """The SSE relay under load: delivery latency against a plain Kafka hop, fan-out
 throughput, replay of a finished stream, and the memory an idle subscriber costs.
 
-    .venv/bin/python benchmarks/relay_delivery.py            # full sizes (~7 min a broker)
+    .venv/bin/python benchmarks/relay_delivery.py            # full sizes (~5 min a broker, quiet)
     .venv/bin/python benchmarks/relay_delivery.py --quick    # small counts, a smoke run
     ... [--broker tansu|kafka|both]    # both (the default): every scenario on each
     ... [--py-spy DIR]                 # profile the relay in each fan-out run (py-spy)
@@ -1304,7 +1304,7 @@ NOTES = [
     "wakes a different subscriber, so nothing is shared: pydantic's decode of the event "
     "~34 % of the relay's samples, aiokafka's record parsing ~10 %, the socket write (one "
     "send per event) ~17 %, the hub's dispatch ~14 %, the SSE encoding ~6 %",
-    "the publisher (this process: EventStream on one aiokafka producer) costs 45-60 us per "
+    "the publisher (this process: EventStream on one aiokafka producer) costs 45-80 us per "
     "event; 50,000 events/s over 1,000 streams would take more than the 2 cores of this "
     "machine to publish alone",
     "idle subscriber (tracemalloc, 2,000 subscribers): ~51 KB of Python objects each, "
