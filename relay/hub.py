@@ -46,10 +46,11 @@ class Held:
     """An event as the relay holds it, with its SSE frame encoded once, when first
     needed, and shared by every subscriber that sends it."""
 
-    __slots__ = ("_frame", "event")
+    __slots__ = ("_frame", "event", "ts")
 
     def __init__(self, event: StreamEvent) -> None:
         self.event = event
+        self.ts = event.ts.timestamp()  # once, for every subscriber's delivery delay
         self._frame: bytes | None = None
 
     @property

@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -133,20 +133,21 @@ async def _frames(
     # Delivery delay counts live delivery only: events generated after this
     # subscriber connected, at the live pace. A replay's old events would add their
     # age, and delays paced on purpose, to the figure.
-    connected = datetime.now(UTC) if pace == "fast" else None
+    connected = time.time() if pace == "fast" else None
     delay: Histogram | None = None  # this stream's model's series, once known
     try:
         async for batch in batches:
             # Each frame was encoded once by the hub; a batch goes out in one write.
             yield batch[0].frame if len(batch) == 1 else b"".join([h.frame for h in batch])
-            # Resumed once the bytes have been sent (SseResponse).
+            # Resumed once the bytes have been sent (SseResponse). Plain floats: this
+            # runs per event and subscriber, the relay's hottest loop.
             if connected is not None:
-                now = datetime.now(UTC)
+                now = time.time()
                 for held in batch:
-                    if held.event.ts >= connected:
+                    if held.ts >= connected:
                         if delay is None:
                             delay = hub.delivery_delay.labels(model=hub.model_of(rid) or "unknown")
-                        delay.observe((now - held.event.ts).total_seconds())
+                        delay.observe(now - held.ts)
     except StreamTruncated as exc:
         yield sse_error_frame("stream_truncated", str(exc))
     except ResumedPastEnd as exc:  # it ended between the check and the subscription
