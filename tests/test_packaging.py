@@ -45,7 +45,7 @@ def test_the_model_runtime_is_only_in_the_worker_extra() -> None:
     assert not names & set(MODEL_RUNTIME)
     worker = {_name(requirement) for requirement in project["optional-dependencies"]["worker"]}
     assert set(MODEL_RUNTIME) <= worker
-    assert ".[worker,dev]" in (ROOT / "scripts" / "install").read_text()  # everything
+    assert ".[worker,guard,dev]" in (ROOT / "scripts" / "install").read_text()  # everything
 
 
 def test_the_client_ships_its_types() -> None:
