@@ -32,17 +32,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 from brokers import add_broker_option, chosen, load, running
+from stack import REPO, Stack
 
 from producers import TokenbusClient
 from schemas import FinishedEvent, GenerationRequest, StartedEvent, TokenEvent, uuid7
@@ -51,12 +48,11 @@ from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import KafkaSettings
 from workers import GenerationEngine, LoadedModel, load_model
 
-REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "bus_ttft.json"
 CACHE = Path.home() / ".cache" / "tokenbus"
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 MAX_TOKENS = 16
-START_WITHIN_S = 180.0
+START_WITHIN_S = 180.0  # the first request: the worker joins its group
 
 
 async def through_bus(client: TokenbusClient) -> dict[str, float]:
@@ -128,46 +124,6 @@ async def measure(url: str, model: LoadedModel, rounds: int) -> dict[str, Any]:
     return {"rounds": rounds, "figures": figures, "bus": bus, "engine_ttft_ms": engine_ttft}
 
 
-@contextlib.contextmanager
-def stack(bootstrap: str, prefix: str, port: int, settings: dict[str, str]) -> Iterator[None]:
-    """`tokenbus worker` and `tokenbus serve` on ``bootstrap``, this checkout's code."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENBUS_", "KAFKA_"))}
-    env |= settings
-    env |= {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "TOKENBUS_TOPIC_PREFIX": prefix,
-        "TOKENBUS_PORT": str(port),
-        "TOKENBUS_GROUP_ID": f"{prefix}workers",
-        "TOKENBUS_LOG_LEVEL": "WARNING",
-        "PYTHONPATH": str(REPO),
-    }
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "tokenbus", part], env=env, cwd=REPO, **quiet)
-        for part in ("worker", "serve")
-    ]
-    try:
-        _wait_ready(f"http://127.0.0.1:{port}/readyz", procs)
-        yield
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=60)
-
-
-def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]]) -> None:
-    deadline = time.monotonic() + START_WITHIN_S
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            raise SystemExit("tokenbus worker or serve exited before it was ready")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        time.sleep(0.2)  # polling a process's start, bounded by the deadline
-    raise SystemExit(f"{url} not ready within {START_WITHIN_S:g}s")
-
-
 def run(broker: str, model: LoadedModel, rounds: int, settings: dict[str, str]) -> dict[str, Any]:
     figures: dict[str, Any] = {"load_start": load(), "settings": settings}
     with running(broker) as b:
@@ -175,9 +131,9 @@ def run(broker: str, model: LoadedModel, rounds: int, settings: dict[str, str]) 
         prefix = f"ttft{uuid.uuid4().hex[:8]}."
         kafka = KafkaSettings(bootstrap_servers=b.bootstrap, topic_prefix=prefix)
         asyncio.run(ensure_topics(kafka))
-        port = free_port()
-        with stack(b.bootstrap, prefix, port, settings):
-            figures |= asyncio.run(measure(f"http://127.0.0.1:{port}", model, rounds))
+        with Stack(b.bootstrap, prefix, free_port(), settings) as stack:
+            stack.start("worker", "serve")
+            figures |= asyncio.run(measure(stack.url, model, rounds))
     return figures | {"load_end": load()}
 
 

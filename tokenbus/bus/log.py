@@ -183,12 +183,15 @@ class LogReader:
     ) -> TopicPartition | None:
         partitions = await partitions_of(consumer, topic)
         tp = TopicPartition(topic, partition_for(request_id, len(partitions)))
-        consumer.assign([tp])
         since = max(uuid7_unix_ms(request_id) - self._skew_ms, 0)
         found = (await consumer.offsets_for_times({tp: since}))[tp]
         # Nothing at or after that time. (Kafka answers with no offset; Tansu with a
         # timestamp of -1.)
         if found is None or found.timestamp < 0:
             return None
+        # Assigned and positioned in one step, once the offset is known: assigned
+        # first, aiokafka's fetcher would send a ListOffsets of its own for a
+        # position the seek then replaces.
+        consumer.assign([tp])
         consumer.seek(tp, found.offset)
         return tp

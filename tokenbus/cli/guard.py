@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 
+from tokenbus.cli.heap import freeze_startup_heap
 from tokenbus.cli.interrupts import until_interrupted
 from tokenbus.cli.settings import SetupError, check_kafka, given, kafka_settings
 
@@ -37,5 +38,6 @@ def guard(args: argparse.Namespace) -> int:
         service.metrics.serve(settings.metrics_port, settings.metrics_host)
     if settings.policies is None:
         log.info("no policy file (TOKENBUS_GUARD_POLICIES): PII and secrets for every tenant")
+    freeze_startup_heap()
     asyncio.run(until_interrupted(service.run()))
     return 0

@@ -69,11 +69,14 @@ def start_server(
     from tokenbus.edge.app import create_app
     from tokenbus.edge.limits import server_config
 
+    from .heap import freeze_startup_heap
+
     audit = settings_of(AuditSettings) if audit_view or server.audit_view else None
     try:
         app = create_app(kafka=kafka, settings=server, audit=audit)  # enforces the access rules
     except AccessConfigError as exc:
         raise SystemExit(f"tokenbus: {exc}") from None
+    freeze_startup_heap()
     uv = uvicorn.Server(server_config(app, server, log_level="warning"))
     serving = asyncio.create_task(uv.serve(sockets=sockets))
     # On Ctrl-C uvicorn finishes serving, then raises the signal again for us: the

@@ -26,6 +26,8 @@ def worker(args: argparse.Namespace) -> int:
     check_kafka(kafka)  # before the model loads: seconds sooner
     from workers import ModelLoadError, Worker, load_model
 
+    from .heap import freeze_startup_heap
+
     try:
         loaded = load_model(
             settings.model,
@@ -42,6 +44,7 @@ def worker(args: argparse.Namespace) -> int:
         host, port = settings.worker_metrics_host, settings.worker_metrics_port
         serve_metrics(model_worker.engine.scheduler, port, host, requests=model_worker.metrics)
         log.info("worker metrics on http://%s:%d/metrics", host, port)
+    freeze_startup_heap()  # the model's and torch's objects: out of the collector's way
     asyncio.run(_run_worker(model_worker, settings))
     return 0
 
