@@ -27,9 +27,8 @@ from collections.abc import Callable
 
 from schemas import MalformedMessage, Verdict, VerdictView, decode_verdict
 
-from .kafka import at_end, new_consumer, partitions_of
-from .restarts import LogRestarts
 from .settings import KafkaSettings
+from .tail import follow
 
 log = logging.getLogger(__name__)
 
@@ -115,30 +114,15 @@ class VerdictTail:
         return accepted
 
     async def run(self) -> None:
-        topic = self._kafka.topics.verdicts
-        consumer = new_consumer(self._kafka, fetch_max_wait_ms=20)
-        try:
-            await consumer.start()
-            partitions = await partitions_of(consumer, topic)
-            consumer.assign(partitions)
-            since = int(time.time() * 1000) - self._lookback_ms
-            starts = await consumer.offsets_for_times({tp: since for tp in partitions})
-            for tp, found in starts.items():
-                if found is None or found.timestamp < 0:
-                    await consumer.seek_to_end(tp)
-                else:
-                    consumer.seek(tp, found.offset)
-            restarts = LogRestarts(consumer)
-            while True:
-                batches = await consumer.getmany(timeout_ms=200)
-                for records in batches.values():
-                    for record in records:
-                        self._read(record.value, record.offset)
-                await restarts.rewind([tp for tp in partitions if not batches.get(tp)])
-                if not self.caught_up.is_set() and await at_end(consumer, *partitions):
-                    self.caught_up.set()
-        finally:
-            await consumer.stop()
+        await follow(
+            self._kafka,
+            self._kafka.topics.verdicts,
+            self._read,
+            since_ms=int(time.time() * 1000) - self._lookback_ms,
+            caught_up=self.caught_up,
+            fetch_max_wait_ms=20,
+            poll_timeout_ms=200,
+        )
 
     def _read(self, value: bytes | None, offset: int) -> None:
         try:
