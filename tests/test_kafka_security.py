@@ -326,7 +326,9 @@ async def test_no_client_certificate_where_one_is_required_names_the_certfile(
 
 
 @on_kafka
-@pytest.mark.parametrize("command", ["topics", "serve", "worker", "audit run", "analytics", "up"])
+@pytest.mark.parametrize(
+    "command", ["topics", "serve", "worker", "audit run", "analytics", "guard", "up"]
+)
 def test_each_command_prints_one_line_and_exits_for_a_wrong_password(
     secure_kafka: SecureKafka, command: str, tmp_path: Path
 ) -> None:

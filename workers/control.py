@@ -16,9 +16,8 @@ import uuid
 from collections import OrderedDict
 
 from schemas import Cancel, MalformedMessage, decode_cancel
-from tokenbus.bus.kafka import at_end, new_consumer, partitions_of
-from tokenbus.bus.restarts import LogRestarts
 from tokenbus.bus.settings import KafkaSettings
+from tokenbus.bus.tail import follow
 
 log = logging.getLogger(__name__)
 
@@ -38,30 +37,15 @@ class CancelWatcher:
         return self._cancelled.get(request_id)
 
     async def run(self) -> None:
-        topic = self._kafka.topics.control
-        consumer = new_consumer(self._kafka, fetch_max_wait_ms=100)
-        try:
-            await consumer.start()
-            partitions = await partitions_of(consumer, topic)
-            consumer.assign(partitions)
-            since = int(time.time() * 1000) - self._lookback_ms
-            starts = await consumer.offsets_for_times({tp: since for tp in partitions})
-            for tp, found in starts.items():
-                if found is None:
-                    await consumer.seek_to_end(tp)
-                else:
-                    consumer.seek(tp, found.offset)
-            restarts = LogRestarts(consumer)
-            while True:
-                batches = await consumer.getmany(timeout_ms=500)
-                for records in batches.values():
-                    for record in records:
-                        self._record(record.value, record.offset)
-                await restarts.rewind([tp for tp in partitions if not batches.get(tp)])
-                if not self.caught_up.is_set() and await at_end(consumer, *partitions):
-                    self.caught_up.set()
-        finally:
-            await consumer.stop()
+        await follow(
+            self._kafka,
+            self._kafka.topics.control,
+            self._record,
+            since_ms=int(time.time() * 1000) - self._lookback_ms,
+            caught_up=self.caught_up,
+            fetch_max_wait_ms=100,
+            poll_timeout_ms=500,
+        )
 
     def _record(self, value: bytes | None, offset: int) -> None:
         try:

@@ -1,4 +1,5 @@
-"""Reading a request's stream back from the log.
+"""Reading a request's messages back from the log: what was submitted, its stream,
+the guard's verdicts on it.
 
 No index is needed: a request id is a UUIDv7, whose timestamp is when the request
 was submitted, and every message about a request is keyed by its id (so it sits
@@ -26,8 +27,10 @@ from schemas import (
     MalformedMessage,
     StreamEvent,
     StreamView,
+    Verdict,
     decode_event,
     decode_request,
+    decode_verdict,
     is_terminal,
     message_key,
     uuid7_unix_ms,
@@ -142,6 +145,28 @@ class LogReader:
                     yield batch
                 if last:
                     return
+
+    async def verdicts(self, request_id: uuid.UUID) -> AsyncGenerator[Verdict, None]:
+        """The guard's verdicts on the request, in log order, to the current end of
+        the log (malformed ones skipped)."""
+        scan = self._scan(self._kafka.topics.verdicts, request_id, until_end=True)
+        async with aclosing(scan) as fetches:
+            async for records in fetches:
+                for record in records:
+                    try:
+                        verdict = decode_verdict(record.value)
+                    except MalformedMessage as exc:
+                        log.warning(
+                            "skipping malformed verdict at offset %d: %s", record.offset, exc
+                        )
+                        continue
+                    yield verdict
+
+    @property
+    def clock_skew_ms(self) -> int:
+        """How far a request id's time may lie after its first message's (clocks
+        differ): reads seek that much before it."""
+        return self._skew_ms
 
     async def _scan(
         self, topic: str, request_id: uuid.UUID, *, until_end: bool

@@ -77,7 +77,8 @@ def create_app(
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=registry,
         )
-        verdicts = VerdictTail(kafka, on_wait=strict_wait.observe)
+        # Its log reader reads back the verdicts on a request older than its lookback.
+        verdicts = VerdictTail(kafka, log_reader=log_reader, on_wait=strict_wait.observe)
         hub_task = asyncio.create_task(_keep_running("relay hub", hub.run), name="relay-hub")
         verdicts_task = asyncio.create_task(
             _keep_running("verdict tail", verdicts.run), name="relay-verdicts"
