@@ -4,10 +4,11 @@ and the workers and a strict relay read ``tokenbus.verdicts``.
 
 Each partition is sought to the first record at or after ``since_ms`` by
 ListOffsets-by-time; a partition with none (Kafka answers with no offset; Tansu
-with a timestamp of -1, and an offset that is not the end) is read from its end. A
-broker that loses its log (`LogRestarts`) is read again from its start. Once every
-partition has been read to its end, ``caught_up`` is set: every record written
-before the tail started, from ``since_ms`` on, has been handed over.
+with a timestamp of -1, and an offset that is not the end) is read from where it
+ended when the tail started. A broker that loses its log (`LogRestarts`) is read
+again from its start. Once every partition has been read to its end, ``caught_up``
+is set: every record written before the tail started, from ``since_ms`` on, has
+been handed over.
 """
 
 from __future__ import annotations
@@ -38,10 +39,14 @@ async def follow(
         await consumer.start()
         partitions = await partitions_of(consumer, topic)
         consumer.assign(partitions)
+        # The ends first: a partition with nothing since ``since_ms`` is read from
+        # where it ended before the lookup, so a record written during the lookup
+        # is read, not skipped (as a seek to the end after it would).
+        ends = await consumer.end_offsets(partitions)
         starts = await consumer.offsets_for_times({tp: since_ms for tp in partitions})
         for tp, found in starts.items():
             if found is None or found.timestamp < 0:
-                await consumer.seek_to_end(tp)
+                consumer.seek(tp, ends[tp])
             else:
                 consumer.seek(tp, found.offset)
         restarts = LogRestarts(consumer)
