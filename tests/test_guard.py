@@ -26,7 +26,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consumers.audit import AuditStore, account, open_store, verify
-from consumers.guard import Guard, Policies
+from consumers.guard import Guard
 from producers import TokenbusClient
 from schemas import (
     FinishedEvent,
@@ -42,12 +42,13 @@ from schemas import (
     message_key,
 )
 from tokenbus.bus.kafka import start_producer
-from tokenbus.bus.settings import GuardSettings, KafkaSettings, kafka_env
+from tokenbus.bus.settings import KafkaSettings, kafka_env
 from tokenbus.bus.verdicts import VerdictTail
 from workers import LoadedModel
 
 from .audit_support import auditing
 from .conftest import assert_complete, collect, eventually, running, serving, text_of, working
+from .guard_support import guarding
 
 pytestmark = pytest.mark.broker_behaviour
 
@@ -55,15 +56,6 @@ pytestmark = pytest.mark.broker_behaviour
 # paragraph about sustainable living.
 EMAIL = "Name: John Smith\nEmail: john.smith@example.com\n\nName: Jane Doe\nEmail:"
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
-
-
-@contextlib.asynccontextmanager
-async def guarding(kafka: KafkaSettings, guard_id: str = "guard-1") -> AsyncIterator[Guard]:
-    guard = Guard(
-        kafka=kafka, settings=GuardSettings(guard_id=guard_id), policies=Policies.builtin()
-    )
-    async with running(guard.run(), guard.ready):
-        yield guard
 
 
 @contextlib.asynccontextmanager

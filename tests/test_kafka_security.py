@@ -38,6 +38,7 @@ from workers import LoadedModel
 from .analytics_support import analytics_process
 from .audit_support import auditing
 from .conftest import ON_TANSU, assert_complete, collect, eventually, free_port, serving, working
+from .guard_support import guarding
 from .kafka_security_support import (
     CLIENT_KEY_PASSWORD,
     PASSWORD,
@@ -164,12 +165,18 @@ async def test_every_part_works_over_sasl_ssl_with_scram(
         # back from tokenbus.control, or the request would be generated.
         cancelled = await client.submit(prompt="Never generated.", max_tokens=20)
         assert (await http.delete(f"/v1/requests/{cancelled.request_id}")).status_code == 202
-        async with working(secure, smollm):
-            submission = await client.submit(prompt="Say hi.", max_tokens=5, temperature=0)
+        async with working(secure, smollm), guarding(secure):
+            # Strict: the relay delivers only what the guard has judged, so the
+            # stream completes only if the guard and the relay's verdict tail both
+            # work over SASL_SSL (else it fails closed).
+            submission = await client.submit(
+                prompt="Say hi.", max_tokens=5, temperature=0, moderation="strict"
+            )
             events = await collect(client, submission.request_id)
             skipped = await collect(client, cancelled.request_id)
         assert_complete(events)
         assert isinstance(events[-1], FinishedEvent)
+        assert events[-1].content_filter is None
         assert [type(e) for e in skipped] == [FinishedEvent]
         assert skipped[0].finish_reason == FinishReason.CANCELLED  # type: ignore[union-attr]
 
