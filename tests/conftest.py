@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 import httpx
 import pytest
+import pytest_timeout
 import torch
 import uvicorn
 
@@ -48,6 +50,64 @@ async def eventually(
             if result:
                 return
             await asyncio.sleep(0.01)  # re-check the condition; bounded by the timeout
+
+
+_dump_threads = pytest_timeout.dump_stacks
+
+
+def _dump_threads_and_tasks(terminal: Any) -> None:
+    """pytest-timeout prints the threads' stacks; a hung async test waits in the
+    event loop's select, so print where each of the loop's tasks waits as well."""
+    _dump_threads(terminal)
+    loop = asyncio._get_running_loop()
+    if loop is None:
+        return
+    for task in asyncio.all_tasks(loop):
+        terminal.sep("~", title=f"Task {task.get_name()}")
+        terminal.write("".join(f"  {line}\n" for line in _awaiting(task.get_coro())))
+
+
+def _awaiting(awaitable: Any) -> list[str]:
+    """Where a suspended coroutine waits: its frame, then what it awaits, and so on
+    (a task's own stack shows only the outermost frame)."""
+    lines = []
+    while awaitable is not None and len(lines) < 40:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "ag_frame", None)
+        frame = frame or getattr(awaitable, "gi_frame", None)
+        if frame is None:
+            lines.append(repr(awaitable)[:200])
+            break
+        lines.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        awaitable = (
+            getattr(awaitable, "cr_await", None)
+            or getattr(awaitable, "ag_await", None)
+            or getattr(awaitable, "gi_yieldfrom", None)
+        )
+    return lines
+
+
+pytest_timeout.dump_stacks = _dump_threads_and_tasks
+
+
+FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed:
+        item.stash[FAILED] = True
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _garbage_of_a_failed_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that fails half-way (a timeout above all) leaves clients and tasks
+    behind; collected later, their warnings would fail the next test. Collect them
+    in this test's teardown instead (only then: a full collection takes a while)."""
+    yield
+    if request.node.stash.get(FAILED, False):
+        gc.collect()
 
 
 BROKER = os.environ.get("TOKENBUS_TEST_BROKER", "kafka")
@@ -166,8 +226,18 @@ async def working(
 @contextlib.asynccontextmanager
 async def running(service: Coroutine[Any, Any, None], ready: asyncio.Event) -> AsyncIterator[None]:
     """Run ``service`` in the background once ``ready`` is set (60 s at most), and
-    cancel it on the way out. One that crashes first fails the test with its error."""
+    cancel it on the way out. One that crashes fails the test with its error: before
+    ``ready``, or at once while the test runs (the test would otherwise wait, for
+    what the service no longer does, until its timeout)."""
     task = asyncio.create_task(service)
+    body = asyncio.current_task()
+    assert body is not None
+
+    def crashed(done: asyncio.Task[None]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            body.cancel("a service the test runs crashed")
+
+    reported = False
     try:
         async with asyncio.timeout(60):
             waiting = asyncio.create_task(ready.wait())
@@ -175,11 +245,23 @@ async def running(service: Coroutine[Any, Any, None], ready: asyncio.Event) -> A
             waiting.cancel()
         if task.done():
             task.result()
-        yield
+        task.add_done_callback(crashed)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                body.uncancel()
+                reported = True
+                raise AssertionError(
+                    f"{task.get_coro()!r} crashed while the test ran"
+                ) from task.exception()
+            raise
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        task.remove_done_callback(crashed)
+        if not reported:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 @pytest.fixture
@@ -193,9 +275,19 @@ async def stack(kafka: KafkaSettings, smollm: LoadedModel) -> AsyncIterator[Stac
 
 
 async def collect(
-    client: TokenbusClient, request_id: uuid.UUID, after: int = -1
+    client: TokenbusClient, request_id: uuid.UUID, after: int = -1, *, within: float = 120
 ) -> list[StreamEvent]:
-    return [event async for event in client.stream(request_id, after=after)]
+    """The stream's events after ``after``, to its terminal one; a stream not ended
+    ``within`` seconds fails the test, saying how far it got."""
+    events: list[StreamEvent] = []
+    try:
+        async with asyncio.timeout(within):
+            async for event in client.stream(request_id, after=after):
+                events.append(event)
+    except TimeoutError:
+        got = f"last {type(events[-1]).__name__} seq {events[-1].seq}" if events else "no event"
+        raise AssertionError(f"stream {request_id} had not ended in {within:g} s ({got})") from None
+    return events
 
 
 def assert_complete(events: list[StreamEvent], after: int = -1) -> None:
