@@ -108,3 +108,42 @@ async def test_a_group_consumer_stopped_under_a_cancel_still_closes_its_connecti
         assert open_connections == []
     finally:
         await consumer.stop()  # returns at once once stopped
+
+
+async def test_a_stop_that_never_ends_is_abandoned_and_its_connections_closed(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiokafka's group coordinator can wait for ever when it closes
+    (aio-libs/aiokafka#773); a process must still shut down, so `stop_all` gives a
+    stop ``within_s`` and then closes the client's connections itself."""
+    kafka = _settings(broker, partitions=1)
+    await ensure_topics(kafka)
+    consumer = new_consumer(kafka, group_id=f"{kafka.topic_prefix}group")
+    consumer.subscribe([kafka.topics.requests])
+    await consumer.start()
+    await eventually(lambda: bool(consumer.assignment()), within=60)
+    coordinator = consumer._coordinator
+    assert coordinator is not None
+    close = coordinator.close
+    swallowed = 0
+
+    async def close_never_ending() -> None:
+        nonlocal swallowed
+        while True:  # a task that swallows its cancel, like the heartbeat of #773
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                swallowed += 1
+                if swallowed > 1:
+                    break  # let the test end its own task at the end
+
+    coordinator.close = close_never_ending  # type: ignore[method-assign]
+    try:
+        async with asyncio.timeout(20):
+            await stop_all(consumer, within_s=1)
+        assert [c for c in consumer._client._conns.values() if c.connected()] == []
+        assert "took over 1 s: closing its connections" in caplog.text
+    finally:
+        coordinator.close = close  # type: ignore[method-assign]
+        await close()  # its tasks (its heartbeat reconnected meanwhile) and their
+        await consumer._client.close()  # connections, so that this test leaks none

@@ -128,26 +128,49 @@ def _log_once(bootstrap: str) -> None:
         )
 
 
-async def stop_all(*clients: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+STOP_WITHIN_S = 30.0
+
+
+async def stop_all(
+    *clients: AIOKafkaConsumer | AIOKafkaProducer, within_s: float = STOP_WITHIN_S
+) -> None:
     """Stop each client to its end, even if the caller is cancelled meanwhile (the
-    cancel is raised once all are stopped).
+    cancel is raised once all are stopped), in ``within_s`` at most each.
 
     aiokafka's ``stop()`` is not cancel-safe: it marks the client closed first, then
     waits (a group consumer for its coordination task, possibly mid-JoinGroup), and
     closes the connections last. Cancelled in that wait, it leaves them open for good,
-    since a second ``stop()`` returns at once."""
+    since a second ``stop()`` returns at once. So it runs to its end (`to_completion`);
+    but one that has not ended in ``within_s`` (aiokafka's group coordinator can wait
+    for ever on its own tasks: aio-libs/aiokafka#773) is abandoned and the client's
+    connections closed, so a process can always shut down. A group then sees the
+    member gone at its session timeout instead of at once."""
     cancelled = False
     for client in clients:
-        stopping = asyncio.ensure_future(client.stop())
-        while not stopping.done():
-            try:
-                await asyncio.shield(stopping)
-            except asyncio.CancelledError:
-                cancelled = cancelled or not stopping.done()  # ours, not stop()'s own
-        if not stopping.cancelled() and (exc := stopping.exception()) is not None:
-            log.warning("stopping a Kafka client failed: %r", exc)
+        try:
+            await to_completion(_stop(client, within_s))
+        except asyncio.CancelledError:
+            cancelled = True
     if cancelled:
         raise asyncio.CancelledError
+
+
+async def _stop(client: AIOKafkaConsumer | AIOKafkaProducer, within_s: float) -> None:
+    stopping = asyncio.ensure_future(client.stop())
+    await asyncio.wait([stopping], timeout=within_s)
+    if not stopping.done():
+        log.error(
+            "stopping a Kafka %s took over %g s: closing its connections without waiting "
+            "for the rest (a consumer group sees this member gone at its session timeout)",
+            type(client).__name__, within_s,
+        )  # fmt: skip
+        stopping.cancel()
+        # Cancelled where it waits (a task of aiokafka's that swallows the cancel may
+        # not end: not waited for long); what it had not done yet is done here.
+        await asyncio.wait([stopping], timeout=1)
+        await client._client.close()  # the network client: every connection it holds
+    elif not stopping.cancelled() and (exc := stopping.exception()) is not None:
+        log.warning("stopping a Kafka client failed: %r", exc)
 
 
 def new_consumer(
