@@ -72,6 +72,7 @@ import raw_sse
 from aiokafka import AIOKafkaProducer
 from brokers import add_broker_option, chosen, load, running
 from httpx_sse import EventSource, aconnect_sse
+from readings import metric_value, process_cpu_s
 
 from schemas import (
     FinishReason,
@@ -216,14 +217,6 @@ async def until(check: Callable[[], Awaitable[bool]], *, within: float, what: st
 
 
 # -- CPU accounting -------------------------------------------------------------
-
-_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(stat[11]) + int(stat[12])) * _TICK_S  # utime, stime
 
 
 def machine_jiffies() -> tuple[int, int]:
@@ -699,10 +692,10 @@ class Relay:
         return all(answer.status_code == 200 for answer in answers)
 
     async def metric(self, name: str) -> float:
-        for line in (await self.http.get("/metrics")).text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise RuntimeError(f"the relay reports no metric {name}")
+        value = metric_value((await self.http.get("/metrics")).text, name)
+        if value is None:
+            raise RuntimeError(f"the relay reports no metric {name}")
+        return value
 
     async def wait_for_metric(self, name: str, at_least: float) -> None:
         async def reached() -> bool:

@@ -50,6 +50,7 @@ from typing import Any
 
 import httpx
 from brokers import add_broker_option, chosen, load, running
+from readings import metric_value, process_cpu_s
 from stack import REPO, Stack
 
 from producers import TokenbusClient
@@ -89,7 +90,7 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 # -- the guard's rate -------------------------------------------------------------
 
 
-async def prefill(kafka: KafkaSettings, streams: int, tokens: int) -> list[uuid.UUID]:
+async def prefill(kafka: KafkaSettings, streams: int, tokens: int) -> None:
     """``streams`` whole streams in the log, as workers write them: `started`
     (tenant, monitor), the tokens, `finished`; one producer, flat out."""
     from workers.publisher import EventStream  # imports torch: only where needed
@@ -113,7 +114,6 @@ async def prefill(kafka: KafkaSettings, streams: int, tokens: int) -> list[uuid.
             await stream.finished(FinishReason.LENGTH, usage, Timings(ttft_ms=1.0, total_ms=1.0))
     finally:
         await producer.stop()
-    return ids
 
 
 async def guard_rate(stack: Stack, events: int) -> dict[str, Any]:
@@ -130,7 +130,10 @@ async def guard_rate(stack: Stack, events: int) -> dict[str, Any]:
                 raise SystemExit(f"the guard judged {samples[-1:]} of {events} events")
             stack.check()
             with contextlib.suppress(httpx.TransportError):  # not serving metrics yet
-                judged = _metric((await http.get("/metrics")).text, "tokenbus_guard_events_total")
+                judged = (
+                    metric_value((await http.get("/metrics")).text, "tokenbus_guard_events_total")
+                    or 0.0
+                )
                 if judged:
                     samples.append((time.perf_counter(), judged))
             await asyncio.sleep(0.02)  # the sampling interval of a counter, not a wait
@@ -140,20 +143,8 @@ async def guard_rate(stack: Stack, events: int) -> dict[str, Any]:
         "samples": len(samples),
         "seconds": round(t1 - t0, 3),
         "events_per_s": round((n1 - n0) / (t1 - t0)) if t1 > t0 else None,
-        "guard_cpu_s": round(_cpu_s(stack.pid("guard")), 2),  # with its start: imports, join
+        "guard_cpu_s": round(process_cpu_s(stack.pid("guard")), 2),  # with its start: imports, join
     }
-
-
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- added delivery delay -------------------------------------------------------------
@@ -201,7 +192,7 @@ async def one_pair(client: TokenbusClient, subject: str, tokens: int) -> list[di
 
 async def strict_wait(http: httpx.AsyncClient) -> dict[str, float]:
     text = (await http.get("/metrics")).text
-    return {part: _metric(text, f"tokenbus_relay_strict_wait_seconds_{part}")
+    return {part: metric_value(text, f"tokenbus_relay_strict_wait_seconds_{part}") or 0.0
             for part in ("sum", "count")}  # fmt: skip
 
 

@@ -83,12 +83,18 @@ class VerdictTail:
         self.malformed = 0
         self.fenced = 0
         # Reading a request's verdicts back from the log (see the module's docstring).
-        self._log = log_reader if log_reader is not None else LogReader(kafka=kafka)
+        self._log_reader = log_reader  # made on first use: a worker's tail never reads back
         self._since_ms: int | None = None  # where run() began reading; None: not yet
         self._evicted_ms = -1  # the latest request time among the views dropped
         self._whole: set[uuid.UUID] = set()  # views read back: all the log had (in _views)
         self._reads: dict[uuid.UUID, _ReadBack] = {}  # reads back under way
         self.read_back = 0  # reads of a request's verdicts back from the log (a metric)
+
+    @property
+    def _log(self) -> LogReader:
+        if self._log_reader is None:
+            self._log_reader = LogReader(kafka=self._kafka)
+        return self._log_reader
 
     def view(self, request_id: uuid.UUID) -> VerdictView | None:
         return self._views.get(request_id)
