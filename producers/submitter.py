@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from schemas import Cancel, GenerationRequest, encode, message_key
-from tokenbus.bus.kafka import start_producer
+from tokenbus.bus.kafka import start_producer, stop_all
 from tokenbus.bus.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class Submitter:
 
     async def close(self) -> None:
         if self._producer is not None:
-            await self._producer.stop()
+            await stop_all(self._producer)
             self._producer = None
 
     async def _send(self, topic: str, request_id: uuid.UUID, value: bytes) -> None:

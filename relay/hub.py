@@ -31,7 +31,7 @@ from schemas import (
     decode_event,
     sse_frame,
 )
-from tokenbus.bus.kafka import new_consumer, partitions_of
+from tokenbus.bus.kafka import new_consumer, partitions_of, stop_all
 from tokenbus.bus.restarts import LogRestarts
 from tokenbus.bus.settings import KafkaSettings, ServerSettings
 
@@ -213,7 +213,7 @@ class StreamHub:
                     self.log_restarts = restarts.count
         finally:
             self.ready.clear()
-            await consumer.stop()
+            await stop_all(consumer)
 
     def _dispatch(self, value: bytes | None, topic: str, partition: int, offset: int) -> None:
         try:

@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tokenbus.bus.kafka import ensure_topics, new_consumer, partitions_of
+from tokenbus.bus.kafka import ensure_topics, new_consumer, partitions_of, stop_all
 from tokenbus.bus.restarts import LogRestarts
 from tokenbus.bus.settings import AuditSettings, KafkaSettings
 
@@ -107,7 +107,7 @@ class AuditConsumer:
                 await self._consume(consumer)
             finally:
                 await self._commit_group(consumer)
-                await consumer.stop()
+                await stop_all(consumer)
         finally:
             await self._final_checkpoint()
             await self._witness.close()
@@ -153,7 +153,7 @@ class AuditConsumer:
                     consumer.seek(tp, offset)
                     self.positions[(tp.topic, tp.partition)] = offset
         except BaseException:
-            await consumer.stop()
+            await stop_all(consumer)
             raise
         log.info(
             "audit consumer reading %d partitions into %s (%s); checkpoints signed by %s",

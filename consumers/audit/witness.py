@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from tokenbus.bus.kafka import at_end, new_consumer, partitions_of, start_producer
+from tokenbus.bus.kafka import at_end, new_consumer, partitions_of, start_producer, stop_all
 from tokenbus.bus.settings import KafkaSettings
 
 from .chain import CheckpointBody
@@ -105,7 +105,7 @@ class Publisher:
 
     async def close(self) -> None:
         if self._producer is not None:
-            await self._producer.stop()
+            await stop_all(self._producer)
             self._producer = None
 
 
@@ -129,7 +129,7 @@ async def published(kafka: KafkaSettings, store_id: str) -> list[Checkpoint]:
             if await at_end(consumer, *partitions):
                 return found
     finally:
-        await consumer.stop()
+        await stop_all(consumer)
 
 
 def compare(

@@ -36,7 +36,7 @@ from schemas import (
     uuid7_unix_ms,
 )
 
-from .kafka import at_end, new_consumer, partition_for, partitions_of, to_completion
+from .kafka import at_end, new_consumer, partition_for, partitions_of, stop_all, to_completion
 from .settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class LogReader:
                 if until_end and await at_end(consumer, tp):
                     return
         finally:
-            await to_completion(consumer.stop())
+            await stop_all(consumer)
 
     async def _locate(
         self, consumer: AIOKafkaConsumer, topic: str, request_id: uuid.UUID
