@@ -209,6 +209,14 @@ async def serving(
             yield url, http
     finally:
         server.should_exit = True
+        # Bounded, so a shutdown that hangs fails here and says so, rather than at
+        # the test's timeout: uvicorn waits for open connections and the lifespan's
+        # end (the app's Kafka clients, each stop bounded by stop_all).
+        done, _ = await asyncio.wait([task], timeout=90)
+        if not done:
+            server.force_exit = True
+            await asyncio.wait([task], timeout=10)
+            raise AssertionError(f"the server on {url} had not shut down 90 s after asked to")
         await task
 
 

@@ -77,7 +77,7 @@ async def start_producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProd
         with _quiet_producer_id_refusal():
             await producer.start()
     except (UnknownError, UnsupportedVersionError) as exc:
-        await producer.stop()
+        await stop_all(producer)
         if wanted:
             raise KafkaError(
                 f"the broker at {kafka.bootstrap} refuses InitProducerId ({exc!r}), so "
@@ -88,10 +88,10 @@ async def start_producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProd
         try:
             await producer.start()
         except BaseException:
-            await producer.stop()
+            await stop_all(producer)
             raise
     except BaseException:
-        await producer.stop()
+        await stop_all(producer)
         raise
     return producer
 
