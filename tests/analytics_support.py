@@ -13,9 +13,10 @@ from pathlib import Path
 
 import httpx
 
+from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import KafkaSettings, kafka_env
 
-from .conftest import eventually, free_port
+from .conftest import eventually
 
 
 @dataclass

@@ -70,7 +70,7 @@ def _dump_threads_and_tasks(terminal: Any) -> None:
 def _awaiting(awaitable: Any) -> list[str]:
     """Where a suspended coroutine waits: its frame, then what it awaits, and so on
     (a task's own stack shows only the outermost frame)."""
-    lines = []
+    lines: list[str] = []
     while awaitable is not None and len(lines) < 40:
         frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "ag_frame", None)
         frame = frame or getattr(awaitable, "gi_frame", None)
@@ -192,11 +192,11 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def serving(
-    kafka: KafkaSettings, *, audit: AuditSettings | None = None, **server_overrides: object
+    kafka: KafkaSettings, *, audit: AuditSettings | None = None, **server_overrides: Any
 ) -> AsyncIterator[tuple[str, httpx.AsyncClient]]:
     """The real ASGI app under a real uvicorn on a free port (``audit``: the store
     its audit view reads)."""
-    settings = ServerSettings(port=free_port(), **server_overrides)  # type: ignore[arg-type]
+    settings = ServerSettings(port=free_port(), **server_overrides)
     app = create_app(kafka=kafka, settings=settings, audit=audit)
     server = uvicorn.Server(server_config(app, settings, log_level="warning"))
     task = asyncio.create_task(server.serve())
@@ -283,7 +283,7 @@ async def stack(kafka: KafkaSettings, smollm: LoadedModel) -> AsyncIterator[Stac
 
 
 async def collect(
-    client: TokenbusClient, request_id: uuid.UUID, after: int = -1, *, within: float = 120
+    client: TokenbusClient, request_id: uuid.UUID | str, after: int = -1, *, within: float = 120
 ) -> list[StreamEvent]:
     """The stream's events after ``after``, to its terminal one; a stream not ended
     ``within`` seconds fails the test, saying how far it got."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -13,19 +14,21 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
 from producers import TokenbusClient, TokenbusError
-from schemas import decode_event
+from schemas import StreamEvent, decode_event
+from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import KafkaSettings, ServerSettings
 from tokenbus.edge.access import AccessConfigError
 from tokenbus.edge.app import create_app
 from workers import LoadedModel
 
-from .conftest import assert_complete, eventually, free_port, serving, working
+from .conftest import assert_complete, eventually, serving, working
 
 KEYS = {"key-acme": "acme", "key-globex": "globex"}
 SECRET = "test-stream-token-secret"
@@ -34,7 +37,9 @@ ACME = {"Authorization": "Bearer key-acme"}
 GLOBEX = {"Authorization": "Bearer key-globex"}
 
 
-def relay(kafka: KafkaSettings, **overrides: object):  # type: ignore[no-untyped-def]
+def relay(
+    kafka: KafkaSettings, **overrides: Any
+) -> contextlib.AbstractAsyncContextManager[tuple[str, httpx.AsyncClient]]:
     return serving(kafka, api_keys=KEYS, stream_token_secret=SECRET, **overrides)
 
 
@@ -44,9 +49,9 @@ async def http(kafka: KafkaSettings, smollm: LoadedModel) -> AsyncIterator[httpx
         yield client
 
 
-async def events_of(http: httpx.AsyncClient, url: str, **kwargs: object) -> list[object]:
+async def events_of(http: httpx.AsyncClient, url: str, **kwargs: Any) -> list[StreamEvent]:
     events = []
-    async with aconnect_sse(http, "GET", url, **kwargs) as source:  # type: ignore[arg-type]
+    async with aconnect_sse(http, "GET", url, **kwargs) as source:
         source.response.raise_for_status()
         async for message in source.aiter_sse():
             if message.data:
@@ -81,7 +86,7 @@ async def test_another_tenant_cannot_read_a_stream_live_or_replayed(
     assert submitted["request_id"] not in live.text or "no request" in live.text
 
     events = await events_of(http, url, headers=ACME)
-    assert_complete(events)  # type: ignore[arg-type]
+    assert_complete(events)
     assert (await http.get(url, headers=GLOBEX)).status_code == 404
     assert (
         await http.delete(f"/v1/requests/{submitted['request_id']}", headers=GLOBEX)
@@ -98,7 +103,7 @@ async def test_stream_token_lets_eventsource_read_without_headers(http: httpx.As
     events = await events_of(
         http, submitted["events_url"], params={"token": submitted["stream_token"]}
     )
-    assert_complete(events)  # type: ignore[arg-type]
+    assert_complete(events)
 
 
 def forge(request_id: str, tenant: str, expires: int, secret: str = SECRET) -> str:
@@ -151,7 +156,7 @@ async def test_concurrent_stream_limit_answers_429(kafka: KafkaSettings) -> None
 
         async def released() -> bool:  # once the server has seen the first one hang up
             async with http.stream("GET", url, headers=ACME) as again:
-                return again.status_code == 200
+                return bool(again.status_code == 200)
 
         await eventually(released)
 

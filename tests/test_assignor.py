@@ -89,7 +89,7 @@ def test_members_metadata_carries_what_each_holds_to_the_leaders_assignment() ->
     }
     assignors = {m: StickyAssignor(lambda m=m: held[m]) for m in held}  # type: ignore[misc]
     members = {m: a.metadata([TOPIC]) for m, a in assignors.items()}
-    result = assignors["a"].assign(Cluster({TOPIC: 4}), members)  # type: ignore[arg-type]
+    result = assignors["a"].assign(Cluster({TOPIC: 4}), members)
     got = {m: set(assignment.partitions()) for m, assignment in result.items()}
     assert got["a"] < held["a"] and len(got["a"]) == 2
     assert len(got["b"]) == 2 and not got["a"] & got["b"]

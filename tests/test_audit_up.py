@@ -12,9 +12,9 @@ from pathlib import Path
 
 from consumers.audit import open_store
 from schemas import decode_event, is_terminal
+from tokenbus.bus.ports import free_port
 from tokenbus.cli import main
 
-from .conftest import free_port
 from .test_cli import _up_env, tiny_model_dir  # noqa: F401 (a fixture)
 
 
@@ -28,9 +28,10 @@ def test_up_audits_what_it_serves(tiny_model_dir: Path, tmp_path: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     assert up.stdout is not None
+    output = up.stdout
     # Its output is read to the end in a thread, so the pipe never fills.
     rest: list[str] = []
-    drain = threading.Thread(target=lambda: rest.append(up.stdout.read()), daemon=True)
+    drain = threading.Thread(target=lambda: rest.append(output.read()), daemon=True)
     try:
         for line in up.stdout:  # ends with the process; the test timeout bounds it
             if "tokenbus is ready" in line:

@@ -11,8 +11,9 @@ import pytest
 
 from schemas import FinishReason, GenerationRequest, uuid7
 from workers import GenerationEngine, LoadedModel
-from workers.batching import Sequence, laid_out, size_class
+from workers.batching import laid_out, size_class
 from workers.engine import Step
+from workers.sequence import Sequence
 
 from .conftest import generate_alone
 
@@ -212,7 +213,7 @@ async def test_sequences_of_two_size_classes_decode_in_one_pass_as_each_does_alo
     assert steps.count(5) == 11  # once all five are prefilled: 11 more tokens each
     for req, result in zip([long, *short], results, strict=True):
         expected = plain_generate(smollm, engine.prompt_ids(req), 12)
-        assert token_ids(result)[: len(expected)] == expected, req.prompt[:20]
+        assert token_ids(result)[: len(expected)] == expected, str(req.prompt)[:20]
 
 
 async def test_a_prompt_longer_than_a_chunk_alone_is_prefilled_over_several_steps(

@@ -32,11 +32,12 @@ from producers import TokenbusClient
 from schemas import StreamEvent, TokenEvent, decode_event, is_terminal
 from tokenbus.bus.kafka import at_end, ensure_topics, new_consumer, partition_for, partitions_of
 from tokenbus.bus.kafka_cluster import KafkaCluster
+from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import KafkaSettings
 from workers import LoadedModel
 
 from .audit_support import auditing
-from .conftest import ON_TANSU, assert_complete, eventually, free_port, serving, text_of, working
+from .conftest import ON_TANSU, assert_complete, eventually, serving, text_of, working
 
 pytestmark = [
     pytest.mark.skipif(
@@ -235,8 +236,8 @@ async def test_readyz_tells_the_truth_through_a_whole_cluster_outage(
             return await status() == 503
 
         await eventually(unready, within=30)
-        for node in cluster.nodes:
-            await asyncio.to_thread(cluster.start_node, node.node_id, wait=False)
+        for each in cluster.nodes:
+            await asyncio.to_thread(cluster.start_node, each.node_id, wait=False)
         await asyncio.to_thread(cluster.wait_serving, timeout_s=120)
         await _ready_again(http)
         submission = await client.submit(prompt="Say hi.", max_tokens=8)

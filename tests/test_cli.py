@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tokenbus.bus.ports import free_port
 from workers import LoadedModel, compute
 
-from .conftest import free_port, tiny_llama_config
+from .conftest import tiny_llama_config
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +35,7 @@ def tiny_model_dir(smollm: LoadedModel, tmp_path_factory: pytest.TempPathFactory
 
     def build() -> None:  # on the compute thread, where models are built and run
         torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(directory)
+        LlamaForCausalLM(config).save_pretrained(directory)  # type: ignore[no-untyped-call]
 
     compute.call(build)
     smollm.tokenizer.save_pretrained(directory)

@@ -18,9 +18,10 @@ import pytest
 
 from schemas import FinishedEvent, FinishReason, uuid7
 from tokenbus.bus.log import LogReader
+from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import KafkaSettings
 
-from .conftest import Stack, assert_complete, collect, free_port, serving
+from .conftest import Stack, assert_complete, collect, serving
 
 LONG = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 

@@ -14,8 +14,9 @@ import pytest
 
 from producers import AsyncTokenbus, Submission, Tokenbus, TokenbusClient, TokenbusError
 from schemas import FinishedEvent, FinishReason, StreamEvent, uuid7
+from tokenbus.bus.ports import free_port
 
-from .conftest import Stack, assert_complete, collect, free_port, text_of
+from .conftest import Stack, assert_complete, collect, text_of
 
 CHAT = [{"role": "user", "content": "Count from one to twenty in words."}]
 LONG = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]

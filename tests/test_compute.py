@@ -93,6 +93,7 @@ def test_random_weights_need_only_the_config_and_the_tokenizer(
 
     def logits(loaded: LoadedModel) -> torch.Tensor:
         with torch.inference_mode():
-            return loaded.model(ids).logits
+            out: torch.Tensor = loaded.model(ids).logits
+            return out
 
     torch.testing.assert_close(compute.call(logits, first), compute.call(logits, second))

@@ -13,10 +13,11 @@ import httpx
 import pytest
 
 from schemas import GenerationRequest
+from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import KafkaSettings, ServerSettings
 
 from .browser_support import chromium, new_page
-from .conftest import eventually, free_port, serving
+from .conftest import eventually, serving
 from .test_fanout import TOKENS, publish_stream
 
 from playwright.async_api import Browser, Page  # isort: skip  (after the skip above)
@@ -32,7 +33,7 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 def test_origins_are_read_comma_separated() -> None:
-    settings = ServerSettings(cors_allow_origins="https://a.example, http://localhost:3000/")  # type: ignore[arg-type]
+    settings = ServerSettings(cors_allow_origins="https://a.example, http://localhost:3000/")
     assert settings.cors_allow_origins == ["https://a.example", "http://localhost:3000"]
 
 

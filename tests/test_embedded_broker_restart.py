@@ -21,11 +21,12 @@ from producers.submitter import Submitter
 from schemas import Cancel, uuid7
 from tokenbus.bus.broker import EmbeddedBroker
 from tokenbus.bus.kafka import ensure_topics, new_consumer, new_producer
+from tokenbus.bus.ports import free_port
 from tokenbus.bus.restarts import LogRestarts
 from tokenbus.bus.settings import KafkaSettings
 from workers.control import CancelWatcher
 
-from .conftest import ON_TANSU, assert_complete, collect, eventually, free_port, serving
+from .conftest import ON_TANSU, assert_complete, collect, eventually, serving
 from .test_fanout import TOKENS, metric, publish_stream, submit_only
 
 pytestmark = [

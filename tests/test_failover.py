@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,7 +91,7 @@ async def test_killed_worker_is_continued_without_gap_or_duplicate(
     kafka: KafkaSettings,
     smollm: LoadedModel,
     two_workers: list[subprocess.Popen[bytes]],
-    sampling: dict[str, float],
+    sampling: dict[str, Any],
     kill_after_seq: int,
 ) -> None:
     async with serving(kafka) as (url, _), TokenbusClient(url) as client:

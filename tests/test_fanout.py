@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -79,7 +80,7 @@ async def test_one_stalled_subscriber_among_200_slows_nobody(kafka: KafkaSetting
     url_path = f"/v1/requests/{request.request_id}/events"
     # A small queue per subscriber, a long send timeout so the stall is not cut short,
     # and limits that let 200 streams come from one address.
-    limits = {"tenant_max_streams": 1000, "max_connections_per_client": 1000}
+    limits: dict[str, Any] = {"tenant_max_streams": 1000, "max_connections_per_client": 1000}
     async with serving(kafka, subscriber_buffer=8, send_timeout_s=300, **limits) as (url, http):
         # The stalled reader: a 4 KB receive buffer, and it reads nothing until told.
         tiny = httpx.AsyncHTTPTransport(

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
 from schemas import uuid7
+from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import KafkaSettings
 
-from .conftest import free_port, serving
+from .conftest import serving
 
 CHAT = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
-async def http(kafka: KafkaSettings) -> httpx.AsyncClient:
+async def http(kafka: KafkaSettings) -> AsyncIterator[httpx.AsyncClient]:
     async with serving(kafka) as (_, client):
         yield client
 

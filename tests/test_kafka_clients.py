@@ -137,13 +137,13 @@ async def test_a_stop_that_never_ends_is_abandoned_and_its_connections_closed(
                 if swallowed > 1:
                     break  # let the test end its own task at the end
 
-    coordinator.close = close_never_ending  # type: ignore[method-assign]
+    coordinator.close = close_never_ending
     try:
         async with asyncio.timeout(20):
             await stop_all(consumer, within_s=1)
         assert [c for c in consumer._client._conns.values() if c.connected()] == []
         assert "took over 1 s: closing its connections" in caplog.text
     finally:
-        coordinator.close = close  # type: ignore[method-assign]
+        coordinator.close = close
         await close()  # its tasks (its heartbeat reconnected meanwhile) and their
         await consumer._client.close()  # connections, so that this test leaks none

@@ -32,12 +32,13 @@ from tokenbus.bus.kafka import (
     start_producer,
 )
 from tokenbus.bus.kafka_cluster import KafkaCluster, Listener
+from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import KafkaSettings, kafka_env
 from workers import LoadedModel
 
 from .analytics_support import analytics_process
 from .audit_support import auditing
-from .conftest import ON_TANSU, assert_complete, collect, eventually, free_port, serving, working
+from .conftest import ON_TANSU, assert_complete, collect, eventually, serving, working
 from .guard_support import guarding
 from .kafka_security_support import (
     CLIENT_KEY_PASSWORD,
@@ -193,7 +194,7 @@ async def test_every_part_works_over_sasl_ssl_with_scram(
 
             async def counted() -> bool:
                 summary = (await summaries.get("/summary")).json()
-                return sum(row["requests"] for row in summary["by_model"]) >= 1
+                return bool(sum(row["requests"] for row in summary["by_model"]) >= 1)
 
             await eventually(counted, within=30)
 

@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import SecretStr, ValidationError
 
 from tokenbus.bus.kafka import KafkaSetupError, client_options
+from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import KafkaSettings, kafka_env
 
-from .conftest import free_port
 from .kafka_security_support import PASSWORD, USER, make_certificates, run_tokenbus
 
 

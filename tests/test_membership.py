@@ -42,9 +42,9 @@ async def test_a_group_consumer_keeps_its_group_coordinator_where_expelled_reads
 def test_a_member_whose_generation_aiokafka_resets_is_expelled() -> None:
     coordinator = SimpleNamespace(generation=7, member_id="m", request_rejoin=lambda: None)
     consumer = SimpleNamespace(_coordinator=coordinator)
-    assert not expelled(consumer)  # type: ignore[arg-type]
+    assert not expelled(consumer)
     # What aiokafka does when the group no longer knows the member (a heartbeat or a
     # commit answered UnknownMemberId or IllegalGeneration).
     GroupCoordinator.reset_generation(coordinator)
     assert coordinator.generation == OffsetCommitRequest.DEFAULT_GENERATION_ID, MOVED
-    assert expelled(consumer)  # type: ignore[arg-type]
+    assert expelled(consumer)

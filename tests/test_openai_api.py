@@ -9,13 +9,16 @@ import httpx
 import openai
 import pytest
 from httpx_sse import aconnect_sse
+from openai.types.chat import ChatCompletionMessageParam
 
 from schemas import FinishedEvent, FinishReason
 from tokenbus.bus.settings import KafkaSettings
 
 from .conftest import Stack, assert_complete, collect, serving, text_of
 
-CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+CHAT: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France? Answer in one sentence."}
+]
 
 
 @pytest.fixture
@@ -30,10 +33,10 @@ async def test_chat_streaming_and_not_give_the_same_text(sdk: openai.AsyncOpenAI
         model="default",
         messages=CHAT,
         max_tokens=24,
-        temperature=0,  # type: ignore[arg-type]
+        temperature=0,
     )
     stream = await sdk.chat.completions.create(
-        model="default", messages=CHAT, max_tokens=24, temperature=0, stream=True,  # type: ignore[arg-type]
+        model="default", messages=CHAT, max_tokens=24, temperature=0, stream=True,
         stream_options={"include_usage": True},
     )  # fmt: skip
     chunks = [chunk async for chunk in stream]
@@ -74,7 +77,7 @@ async def test_openai_requests_travel_the_bus_and_can_be_replayed(
         model="default",
         messages=CHAT,
         max_tokens=16,
-        temperature=0,  # type: ignore[arg-type]
+        temperature=0,
     )
     request_id = raw.headers["x-request-id"]
     completion = raw.parse()
@@ -85,33 +88,33 @@ async def test_openai_requests_travel_the_bus_and_can_be_replayed(
 
 
 async def test_models_lists_what_the_workers_serve(sdk: openai.AsyncOpenAI) -> None:
-    await sdk.chat.completions.create(model="default", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+    await sdk.chat.completions.create(model="default", messages=CHAT, max_tokens=1)
     names = [m.id async for m in sdk.models.list()]
     assert "default" in names and "SmolLM2-135M-Instruct" in names
 
 
 async def test_errors_arrive_as_the_sdk_expects(sdk: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as unknown:
-        await sdk.chat.completions.create(model="gpt-17", messages=CHAT)  # type: ignore[arg-type]
+        await sdk.chat.completions.create(model="gpt-17", messages=CHAT)
     assert "gpt-17" in unknown.value.message
 
     with pytest.raises(openai.BadRequestError) as tools:
         await sdk.chat.completions.create(
-            model="default", messages=CHAT,  # type: ignore[arg-type]
+            model="default", messages=CHAT,
             tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
         )  # fmt: skip
     assert "tools" in tools.value.message
 
     with pytest.raises(openai.BadRequestError) as hot:
-        await sdk.chat.completions.create(model="default", messages=CHAT, temperature=7)  # type: ignore[arg-type]
+        await sdk.chat.completions.create(model="default", messages=CHAT, temperature=7)
     assert "temperature" in hot.value.message
 
     with pytest.raises(openai.BadRequestError):
-        await sdk.chat.completions.create(model="default", messages=CHAT, n=2)  # type: ignore[arg-type]
+        await sdk.chat.completions.create(model="default", messages=CHAT, n=2)
 
 
 async def test_streamed_failure_raises_in_the_sdk(sdk: openai.AsyncOpenAI) -> None:
-    stream = await sdk.chat.completions.create(model="gpt-17", messages=CHAT, stream=True)  # type: ignore[arg-type]
+    stream = await sdk.chat.completions.create(model="gpt-17", messages=CHAT, stream=True)
     with pytest.raises(openai.APIError) as failed:
         async for _ in stream:
             pass

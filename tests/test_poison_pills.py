@@ -54,7 +54,7 @@ async def dead_letters(
         partitions = [TopicPartition(tp.topic, p) for p in range(kafka.partitions)]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
-        found = []
+        found: list[tuple[bytes | None, bytes | None, dict[str, bytes]]] = []
         while not (found and await at_end(consumer, *partitions)):
             for records in (await consumer.getmany(timeout_ms=200)).values():
                 found += [(r.key, r.value, dict(r.headers)) for r in records]

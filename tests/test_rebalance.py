@@ -7,6 +7,7 @@ owner. Every stream is whole either way."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime
 
 import pytest
@@ -47,7 +48,7 @@ def request_on(partition: int, kafka: KafkaSettings) -> GenerationRequest:
         if partition_for(request_id, kafka.partitions) == partition:
             return GenerationRequest(
                 request_id=request_id,
-                messages=ESSAY,  # type: ignore[arg-type]
+                messages=ESSAY,
                 sampling=SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
                 submitted_at=datetime.now(UTC),
             )
@@ -62,7 +63,7 @@ async def test_requests_on_partitions_that_stay_go_on_through_a_rebalance(
         r.request_id: TopicPartition(kafka.topics.requests, partition_for(r.request_id, 4))
         for r in requests
     }
-    streams: dict[object, list[StreamEvent]] = {r.request_id: [] for r in requests}
+    streams: dict[uuid.UUID, list[StreamEvent]] = {r.request_id: [] for r in requests}
 
     async with (
         serving(kafka) as (url, _),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Any
 
 import httpx
 import pytest
@@ -53,7 +54,7 @@ async def check_the_end(http: httpx.AsyncClient, base: str, request: GenerationR
         resp = await status_of(http, url, **at_end)
         assert resp.status_code == 204, at_end
         assert resp.content == b""
-    past = [
+    past: list[dict[str, Any]] = [
         {"headers": {"Last-Event-ID": str(END + 1)}},
         {"params": {"after": 1_000_000}},
         {"headers": {"Last-Event-ID": str(2**62)}},

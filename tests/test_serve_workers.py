@@ -7,6 +7,7 @@ needed to show where the relay's connections go)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import subprocess
@@ -45,6 +46,10 @@ def _listening(supervisor: psutil.Process, port: int) -> list[psutil.Process]:
 def _streaming(child: psutil.Process, port: int) -> int:
     conns = child.net_connections("tcp")
     return sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port for c in conns)
+
+
+def _gone(process: psutil.Process) -> bool:
+    return not process.is_running()
 
 
 async def _read_stream(url: str, opened: asyncio.Event) -> list[StreamEvent]:
@@ -110,7 +115,7 @@ async def test_processes_share_the_port_and_each_others_stream_tokens(
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 60) == 0
         for child in children:
-            await eventually(lambda child=child: not child.is_running(), within=10)
+            await eventually(functools.partial(_gone, child), within=10)
     finally:
         if proc.poll() is None:
             for child in psutil.Process(proc.pid).children():

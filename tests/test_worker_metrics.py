@@ -11,11 +11,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.audit.ingest import AuditStats
 from consumers.audit.metrics import serve_metrics as serve_audit_metrics
+from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import AuditSettings, WorkerSettings
 from workers import GenerationEngine, LoadedModel
 from workers.metrics import WorkerCollector, serve_metrics
 
-from .conftest import free_port
 from .test_batching import request, steps_of
 
 
