@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 
 import httpx
+import psutil
 import pytest
 
 from schemas import uuid7
+from tokenbus.bus.broker import EmbeddedBroker
+from tokenbus.bus.kafka import STOP_WITHIN_S, ensure_topics
+from tokenbus.bus.kafka_cluster import KafkaCluster
 from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import KafkaSettings
 
-from .conftest import serving
+from .conftest import BROKER, serving
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -110,6 +117,61 @@ async def test_unreachable_broker_gives_503_and_accepts_nothing() -> None:
         ready = await http.get("/readyz")
         assert ready.status_code == 503
         assert (await http.get("/healthz")).status_code == 200
+
+
+@contextlib.asynccontextmanager
+async def own_broker() -> AsyncIterator[tuple[str, psutil.Process]]:
+    """A broker of the kind under test, for this test alone: its bootstrap address
+    and its process (the one listening on its port). Started and stopped in a
+    thread: KafkaCluster waits for its node with an event loop of its own."""
+    port = free_port()
+    running = KafkaCluster(ports=[port]) if BROKER == "kafka" else EmbeddedBroker(port=port)
+    await asyncio.to_thread(running.start)
+    try:
+        process = next(
+            psutil.Process(c.pid)
+            for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid
+        )
+        yield running.bootstrap, process
+    finally:
+        await asyncio.to_thread(running.stop)
+
+
+@pytest.mark.broker_behaviour
+async def test_a_send_the_broker_leaves_unanswered_is_a_503_at_once_naming_the_request() -> None:
+    """A broker that holds the connection and answers nothing (a frozen node; here a
+    paused one): the 503 comes at the send timeout, not after the failed producer's
+    stop (which waits up to stop_all's bound for what it has in flight), and it
+    names the request, since the broker may write it all the same."""
+    async with own_broker() as (bootstrap, process):
+        kafka = KafkaSettings(
+            bootstrap_servers=bootstrap,
+            request_timeout_ms=2000,
+            topic_prefix=f"p{uuid.uuid4().hex[:8]}.",
+        )
+        await ensure_topics(kafka)
+        async with serving(kafka) as (_, http):
+            assert (await http.post("/v1/requests", json={"messages": CHAT})).status_code == 202
+            process.suspend()
+            try:
+                began = time.monotonic()
+                resp = await http.post("/v1/requests", json={"messages": CHAT})
+                took = time.monotonic() - began
+            finally:
+                process.resume()
+            assert resp.status_code == 503, resp.text
+            assert resp.json()["error"]["code"] == "broker_unavailable"
+            assert resp.headers["retry-after"]
+            named = re.search(
+                r"did not acknowledge request ([0-9a-f-]{36}) within 2s", reason(resp)
+            )
+            assert named, reason(resp)
+            assert "may be written all the same" in reason(resp)
+            assert took < STOP_WITHIN_S, f"the 503 took {took:.1f} s: it waited for the stop"
+            # Still serving once the broker answers again (a fresh producer).
+            again = await http.post("/v1/requests", json={"messages": CHAT})
+            assert again.status_code == 202, again.text
 
 
 # -- every validation error is a 4xx in the documented shape (issue 13) ------------

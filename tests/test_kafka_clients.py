@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import anyio
 import pytest
 from aiokafka.errors import KafkaError
 
@@ -108,6 +109,20 @@ async def test_a_group_consumer_stopped_under_a_cancel_still_closes_its_connecti
         assert open_connections == []
     finally:
         await consumer.stop()  # returns at once once stopped
+
+
+async def test_a_stop_cut_short_by_a_cancel_scope_ends_in_that_scope(broker: Broker) -> None:
+    """The cancellation `stop_all` raises once the stop is done is the one it got,
+    so anyio's scope knows it as its own; a new, bare one escaped ``move_on_after``
+    (a relay's log read cut short by its deadline while stopping; CI of stop 23)."""
+    kafka = _settings(broker, partitions=1)
+    await ensure_topics(kafka)
+    consumer = new_consumer(kafka)
+    await consumer.start()
+    with anyio.move_on_after(0) as scope:  # cancels at stop_all's first wait
+        await stop_all(consumer)
+    assert scope.cancelled_caught
+    assert [c for c in consumer._client._conns.values() if c.connected()] == []
 
 
 async def test_a_stop_that_never_ends_is_abandoned_and_its_connections_closed(

@@ -144,15 +144,19 @@ async def stop_all(
     but one that has not ended in ``within_s`` (aiokafka's group coordinator can wait
     for ever on its own tasks: aio-libs/aiokafka#773) is abandoned and the client's
     connections closed, so a process can always shut down. A group then sees the
-    member gone at its session timeout instead of at once."""
-    cancelled = False
+    member gone at its session timeout instead of at once.
+
+    The cancellation raised is the one received, not a new one: anyio knows its
+    cancel scope's own by the message it carries, and would take a bare one for a
+    cancellation from outside (a read cut short by ``move_on_after`` would raise)."""
+    cancelled: asyncio.CancelledError | None = None
     for client in clients:
         try:
             await to_completion(_stop(client, within_s))
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
+        except asyncio.CancelledError as exc:
+            cancelled = cancelled or exc
+    if cancelled is not None:
+        raise cancelled
 
 
 async def _stop(client: AIOKafkaConsumer | AIOKafkaProducer, within_s: float) -> None:
