@@ -120,8 +120,8 @@ class AuditConsumer:
             group_id=self._settings.group_id,
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
-        await consumer.start()
         try:
+            await consumer.start()  # inside: a start that fails halfway is stopped too
             topics = self._kafka.topics
             assigned = [
                 *await partitions_of(consumer, topics.requests),

@@ -114,8 +114,8 @@ async def published(kafka: KafkaSettings, store_id: str) -> list[Checkpoint]:
     topic = kafka.topics.audit_checkpoints
     key = store_id.encode()
     consumer = new_consumer(kafka, fetch_max_wait_ms=50)
-    await consumer.start()
     try:
+        await consumer.start()  # inside: a start that fails halfway is stopped too
         partitions = await partitions_of(consumer, topic)
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
