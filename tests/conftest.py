@@ -121,14 +121,14 @@ class Broker(Protocol):
     def bootstrap(self) -> str: ...
 
 
+def broker_under_test(port: int) -> KafkaCluster | EmbeddedBroker:
+    """A broker of the kind this run tests (TOKENBUS_TEST_BROKER), not yet started."""
+    return KafkaCluster(ports=[port]) if BROKER == "kafka" else EmbeddedBroker(port=port)
+
+
 @pytest.fixture(scope="session")
 def broker() -> Iterator[Broker]:
-    running: KafkaCluster | EmbeddedBroker
-    if BROKER == "kafka":
-        running = KafkaCluster(ports=[free_port()])
-    else:
-        running = EmbeddedBroker(port=free_port())
-    with running:
+    with broker_under_test(free_port()) as running:
         yield running
 
 

@@ -14,13 +14,11 @@ import psutil
 import pytest
 
 from schemas import uuid7
-from tokenbus.bus.broker import EmbeddedBroker
 from tokenbus.bus.kafka import STOP_WITHIN_S, ensure_topics
-from tokenbus.bus.kafka_cluster import KafkaCluster
 from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import KafkaSettings
 
-from .conftest import BROKER, serving
+from .conftest import broker_under_test, serving
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -125,7 +123,7 @@ async def own_broker() -> AsyncIterator[tuple[str, psutil.Process]]:
     and its process (the one listening on its port). Started and stopped in a
     thread: KafkaCluster waits for its node with an event loop of its own."""
     port = free_port()
-    running = KafkaCluster(ports=[port]) if BROKER == "kafka" else EmbeddedBroker(port=port)
+    running = broker_under_test(port)
     await asyncio.to_thread(running.start)
     try:
         process = next(
