@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from schemas import ErrorCode, FailedEvent, FinishedEvent, FinishReason, message_key, uuid7
 from tokenbus.bus.kafka import new_producer
+from tokenbus.bus.ports import free_port
+from tokenbus.bus.settings import KafkaSettings, WorkerSettings
+from workers import LoadedModel, Worker
 
 from .conftest import Stack, assert_complete, collect, eventually, text_of
 
@@ -103,3 +107,17 @@ async def test_malformed_event_on_tokens_topic_is_skipped_and_counted(stack: Sta
     await eventually(counted, within=30)
     submission = await stack.client.submit(messages=CHAT, max_tokens=4)
     assert_complete(await collect(stack.client, submission.request_id))
+
+
+async def test_a_worker_whose_producer_cannot_start_stops_its_consumer(smollm: LoadedModel) -> None:
+    """The worker makes its group consumer, then starts its producer. A producer that
+    could not start (no broker answers here) left that consumer unstopped, and
+    aiokafka's "Unclosed AIOKafkaConsumer", raised whenever the garbage collector
+    next ran, failed some later test. The worker's error is what the caller sees."""
+    kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", topic_prefix="nobody.")
+    settings = WorkerSettings(group_id="nobody.workers", worker_id="worker-1")
+    worker = Worker(kafka=kafka, settings=settings, model=smollm)
+    with pytest.raises(KafkaError):
+        await worker.run()
+    assert worker._consumer is not None
+    assert worker._consumer._closed, "the worker's consumer was left unstopped"

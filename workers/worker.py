@@ -130,9 +130,12 @@ class Worker:
     async def run(self) -> None:
         """Serve until cancelled."""
         topics = self._kafka.topics
+        # The producer starts inside the try that stops the consumer: a consumer made
+        # and dropped unstopped (the producer's start failing) warns when collected.
         self._consumer = group_consumer(self._kafka, self._settings, self._ownership, self._offsets)
-        self._producer = await start_producer(self._kafka)
+        self._producer = None
         try:
+            self._producer = await start_producer(self._kafka)
             await self._consumer.start()
             log.info(
                 "worker %s serving %s on %s", self.worker_id, self._model.name, topics.requests

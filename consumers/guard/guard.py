@@ -103,8 +103,11 @@ class Guard:
             fetch_max_wait_ms=20,
         )
         consumer.subscribe([self._kafka.topics.tokens], listener=_Rebalance(self))
-        self._producer = await start_producer(self._kafka)
+        # The producer starts inside the try that stops the consumer: a consumer made
+        # and dropped unstopped (the producer's start failing) warns when collected.
+        self._producer = None
         try:
+            self._producer = await start_producer(self._kafka)
             await consumer.start()
             log.info("guard %s judging %s into %s", self.guard_id, self._kafka.topics.tokens,
                      self._kafka.topics.verdicts)  # fmt: skip

@@ -132,10 +132,11 @@ STOP_WITHIN_S = 30.0
 
 
 async def stop_all(
-    *clients: AIOKafkaConsumer | AIOKafkaProducer, within_s: float = STOP_WITHIN_S
+    *clients: AIOKafkaConsumer | AIOKafkaProducer | None, within_s: float = STOP_WITHIN_S
 ) -> None:
     """Stop each client to its end, even if the caller is cancelled meanwhile (the
-    cancel is raised once all are stopped), in ``within_s`` at most each.
+    cancel is raised once all are stopped), in ``within_s`` at most each. ``None``
+    stands for a client not made yet (a ``finally`` reached before it was).
 
     aiokafka's ``stop()`` is not cancel-safe: it marks the client closed first, then
     waits (a group consumer for its coordination task, possibly mid-JoinGroup), and
@@ -151,6 +152,8 @@ async def stop_all(
     cancellation from outside (a read cut short by ``move_on_after`` would raise)."""
     cancelled: asyncio.CancelledError | None = None
     for client in clients:
+        if client is None:
+            continue
         try:
             await to_completion(_stop(client, within_s))
         except asyncio.CancelledError as exc:
@@ -199,10 +202,10 @@ async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 30.0) -> Non
     factor (a cluster starting or restarting) the controller refuses the topic;
     that is asked again until ``timeout_s``, then reported."""
     admin = AIOKafkaAdminClient(**client_options(kafka))
-    await admin.start()
     wanted = kafka.topics.all()
     refusal = ""
     try:
+        await admin.start()  # inside: one failing halfway is closed too
         async with asyncio.timeout(timeout_s):
             while refusal := await _create(admin, kafka, wanted):  # noqa: ASYNC110
                 await asyncio.sleep(0.5)  # brokers coming back; bounded by the timeout
