@@ -31,6 +31,7 @@ from tokenbus.bus.kafka import ensure_topics
 from tokenbus.bus.kafka_cluster import KafkaCluster
 from tokenbus.bus.ports import free_port
 from tokenbus.bus.settings import AuditSettings, KafkaSettings, ServerSettings, WorkerSettings
+from tokenbus.bus.tasks import cancel_and_wait
 from tokenbus.edge.app import create_app
 from tokenbus.edge.limits import server_config
 from workers import LoadedModel, Worker, compute, load_model
@@ -294,9 +295,7 @@ async def running(service: Coroutine[Any, Any, None], ready: asyncio.Event) -> A
     finally:
         task.remove_done_callback(crashed)
         if not reported:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ event loop keeps publishing and polling while the model computes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from schemas import FinishReason, GenerationRequest, SamplingParams
+from tokenbus.bus.tasks import cancel_and_wait
 
 from .batching import Scheduler
 from .models import LoadedModel
@@ -105,9 +105,7 @@ class GenerationEngine:
 
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait(self._task)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         tokenizer = self._tokenizer

@@ -199,7 +199,9 @@ class AuditConsumer:
         if not offsets:
             return
         try:
-            await asyncio.shield(asyncio.wait_for(consumer.commit(offsets), timeout=5))
+            # Shielded, so a cancel is raised by shield at once (wait_for cannot
+            # swallow it); the commit goes on to its end or its timeout.
+            await asyncio.shield(asyncio.wait_for(consumer.commit(offsets), timeout=5))  # noqa: TID251
         except (KafkaError, TimeoutError) as exc:
             log.debug("could not commit the audit group's offsets: %s", exc)
 

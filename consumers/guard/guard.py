@@ -262,7 +262,8 @@ class Guard:
         if not offsets:
             return
         try:
-            await asyncio.wait_for(self._consumer.commit(offsets), timeout=5)
+            async with asyncio.timeout(5):
+                await self._consumer.commit(offsets)
         except (KafkaError, TimeoutError) as exc:
             log.info("could not commit the guard's offsets now: %r", exc)
 

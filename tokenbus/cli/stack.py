@@ -152,7 +152,8 @@ async def _stop_child(child: asyncio.subprocess.Process, timeout_s: float = 15) 
     if child.returncode is None:
         child.send_signal(signal.SIGINT)
         try:
-            await asyncio.wait_for(child.wait(), timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await child.wait()
         except TimeoutError:
             child.kill()
             await child.wait()

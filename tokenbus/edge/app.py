@@ -25,6 +25,7 @@ from relay.hub import StreamHub
 from tokenbus import __version__
 from tokenbus.bus.log import LogReader
 from tokenbus.bus.settings import AuditSettings, KafkaSettings, ServerSettings
+from tokenbus.bus.tasks import cancel_and_wait
 from tokenbus.bus.verdicts import VerdictTail
 
 from .access import Access
@@ -99,9 +100,7 @@ def create_app(
             }
         finally:
             for task in (hub_task, verdicts_task):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
             await asyncio.gather(*background, return_exceptions=True)
             await submitter.close()
 
