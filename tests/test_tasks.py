@@ -27,6 +27,8 @@ async def test_a_cancel_of_the_owner_while_it_waits_is_raised() -> None:
     owner = asyncio.create_task(cancel_and_wait(task))
     await ending.wait()  # cancelled: the owner now waits for it to end
     owner.cancel()
+    await asyncio.sleep(0)  # the owner takes its cancel while the task still ends
+    assert not owner.done(), "the owner left before the task it owns had ended"
     release.set()
     with pytest.raises(asyncio.CancelledError):
         await owner
