@@ -23,10 +23,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consumers.audit import AuditStore, account, open_store, verify
-from consumers.guard import Guard
+from consumers.guard import Guard, Policies
 from producers import TokenbusClient
 from schemas import (
     FinishedEvent,
@@ -42,12 +43,21 @@ from schemas import (
     message_key,
 )
 from tokenbus.bus.kafka import start_producer
-from tokenbus.bus.settings import KafkaSettings, kafka_env
+from tokenbus.bus.settings import GuardSettings, KafkaSettings, kafka_env
 from tokenbus.bus.verdicts import VerdictTail
 from workers import LoadedModel
 
 from .audit_support import auditing
-from .conftest import assert_complete, collect, eventually, running, serving, text_of, working
+from .conftest import (
+    ON_TANSU,
+    assert_complete,
+    collect,
+    eventually,
+    running,
+    serving,
+    text_of,
+    working,
+)
 from .guard_support import guarding
 
 pytestmark = pytest.mark.broker_behaviour
@@ -342,3 +352,17 @@ async def test_strict_on_the_openai_endpoint(bus: Bus) -> None:
     choice = answer.json()["choices"][0]
     assert choice["finish_reason"] == "content_filter"
     assert "example.com" not in choice["text"]
+
+
+@pytest.mark.skipif(not ON_TANSU, reason="needs a broker that refuses a producer id: Tansu")
+async def test_a_guard_whose_producer_cannot_start_stops_its_consumer(kafka: KafkaSettings) -> None:
+    """The guard makes its group consumer, then starts its producer. Required to be
+    idempotent on a broker that refuses producer ids, the producer cannot start; the
+    consumer was left unstopped (aiokafka's "Unclosed AIOKafkaConsumer" then failed
+    a later test). The guard's error is what the caller sees."""
+    strict = kafka.model_copy(update={"enable_idempotence": True})
+    guard = Guard(kafka=strict, settings=GuardSettings(), policies=Policies.builtin())
+    with pytest.raises(KafkaError, match="cannot be honoured"):
+        await guard.run()
+    assert guard._consumer is not None
+    assert guard._consumer._closed, "the guard's consumer was left unstopped"
