@@ -1,4 +1,4 @@
-"""Ending a background task from the code that owns it."""
+"""Ending background tasks from the code that owns them."""
 
 from __future__ import annotations
 
@@ -7,20 +7,23 @@ import contextlib
 from typing import Any
 
 
-async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait until it has ended; an error it ended with is raised.
+async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel ``tasks`` and wait until all have ended; an error one ended with is
+    raised.
 
-    A cancellation of the caller meanwhile is raised too, once the task has ended
-    (its stop does not outlive its owner). The usual idiom, ``with
+    A cancellation of the caller meanwhile is raised too, once they have ended
+    (their stops do not outlive their owner). The usual idiom, ``with
     suppress(CancelledError): await task``, swallows that one as if it were the
     task's own, and a caller being stopped runs on."""
-    task.cancel()
+    for task in tasks:
+        task.cancel()
     try:
-        await asyncio.wait([task])
+        await asyncio.wait(tasks)
     except asyncio.CancelledError:
-        while not task.done():
+        while not all(task.done() for task in tasks):
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([task])
+                await asyncio.wait(tasks)
         raise
-    if not task.cancelled() and (error := task.exception()) is not None:
-        raise error
+    for task in tasks:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error

@@ -99,10 +99,11 @@ def create_app(
                 "audit_view": AuditView(audit) if audit is not None else None,
             }
         finally:
-            for task in (hub_task, verdicts_task):
-                await cancel_and_wait(task)
-            await asyncio.gather(*background, return_exceptions=True)
-            await submitter.close()
+            try:
+                await cancel_and_wait(hub_task, verdicts_task)
+            finally:  # even if the lifespan is cancelled meanwhile
+                await asyncio.gather(*background, return_exceptions=True)
+                await submitter.close()
 
     app = FastAPI(title="tokenbus", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
